@@ -1,0 +1,34 @@
+"""Turn pydantic validation failures into one early, pointed error."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class CallbackConfigError(ValueError):
+    """Raised at construction when a callback's kwargs or config are wrong.
+
+    The message names where the problem is (entry, field) and what is allowed, and never
+    echoes the value of a field that may hold a secret.
+    """
+
+
+def validate_kwargs(model: type[M], data: Mapping[str, Any] | None, where: str) -> M:
+    """Validate ``data`` against ``model``; raise :class:`CallbackConfigError` naming ``where``."""
+    try:
+        return model.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        raise CallbackConfigError(describe(exc, where)) from None
+
+
+def describe(exc: ValidationError, where: str) -> str:
+    lines = [f"{where}: invalid configuration"]
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  - field '{loc}': {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,245 @@
+"""RayServeLLMCallback: Ray's CallbackBase with every hook call traced and measured.
+
+The wrapping happens where Ray dispatches (``run_callback`` / ``run_callback_sync``), not per
+hook name, so hooks Ray adds later are covered without a release of ours.
+
+Per-process state (tracer, recorders, the open startup span) lives in ``self._local``, which
+is dropped on pickling and rebuilt lazily in the process that unpickles the callback (Ray's
+per-node download tasks). The W3C trace carrier, a plain dict, travels instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from typing import Any, ClassVar
+
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode, set_span_in_context
+from pydantic import BaseModel
+
+from . import catalog
+from ._callers import call_async, call_sync
+from ._observe import HookObserver
+from ._ray import CallbackBase
+from ._validation import validate_kwargs
+from .telemetry import TelemetrySettings, get_telemetry
+from .telemetry.propagation import carrier_for, context_from
+from .telemetry.providers import before_shutdown
+
+logger = logging.getLogger(__name__)
+
+#: The hook after which a replica's startup span is closed (unless something that knows
+#: more, such as ObservedLLMServer's engine start, takes over closing it).
+STARTUP_LAST_HOOK = "on_after_node_init"
+
+
+def model_id_of(llm_config: Any) -> str:
+    try:
+        return str(llm_config.model_id)
+    except Exception:
+        return "unknown"
+
+
+class _Local:
+    """What one process knows about one callback instance. Never pickled."""
+
+    __slots__ = ("observer", "startup_span", "__weakref__")
+
+    def __init__(self, observer: HookObserver) -> None:
+        self.observer = observer
+        self.startup_span: Span | None = None
+
+
+class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
+    """Subclass this and override the hooks you need, sync or async:
+
+    ``on_before_node_init``, ``on_after_node_init``,
+    ``on_before_download_model_files_distributed`` (and any hook a newer Ray adds).
+
+    Every call gets a span and metrics. ``callback_kwargs`` land in ``self.kwargs`` as in Ray,
+    except ``telemetry`` (see :class:`TelemetrySettings`). Set ``kwargs_model`` to a pydantic
+    model to have the kwargs validated at construction; the result is ``self.options``.
+    """
+
+    kwargs_model: ClassVar[type[BaseModel] | None] = None
+    """Pydantic model validating ``self.kwargs`` at construction (None: no validation)."""
+
+    def __init__(
+        self,
+        llm_config: Any = None,
+        raise_error_on_callback: bool = True,
+        ctx_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        telemetry = kwargs.pop("telemetry", None)
+        name = kwargs.pop("callback_name", None)
+        super().__init__(
+            llm_config=llm_config,
+            raise_error_on_callback=raise_error_on_callback,
+            ctx_kwargs=ctx_kwargs,
+            **kwargs,
+        )
+        self.callback_name: str = name or type(self).__name__
+        self.telemetry_settings = TelemetrySettings.resolve(telemetry)
+        self.model_id = model_id_of(llm_config)
+        self.created_at_ns = time.time_ns()
+        self.options: Any = None
+        if self.kwargs_model is not None:
+            self.options = validate_kwargs(
+                self.kwargs_model, self.kwargs, f"{type(self).__qualname__} callback_kwargs"
+            )
+        # Travels with the pickle: the W3C parent for spans made in other processes.
+        self.trace_carrier: dict[str, str] = {}
+        self._unpickled = False
+        self._local: _Local | None = None
+        self._defer_startup_end = False
+
+    # --- pickling: telemetry never travels --------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_local"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = None
+        self._unpickled = True
+        self.after_unpickle()
+
+    def after_unpickle(self) -> None:
+        """Called in the process that unpickled this callback (e.g. a per-node download task),
+        before Ray reads ``self.ctx`` there. Override for node-local decisions."""
+
+    # --- telemetry ----------------------------------------------------------------------------
+
+    @property
+    def _observer(self) -> HookObserver:
+        local = self._local
+        if local is None:
+            local = self._make_local()
+        return local.observer
+
+    def _make_local(self) -> _Local:
+        tel = get_telemetry(self.telemetry_settings)
+        cls = type(self)
+        local = _Local(HookObserver(tel, self.callback_name, f"{cls.__module__}.{cls.__qualname__}",
+                                    self.model_id))
+        self._local = local
+        return local
+
+    def startup_context(self) -> Context | None:
+        """Parent context for spans of this replica's startup, in any process.
+
+        In the replica, the first call opens the startup span (backdated to the callback's
+        creation); in a process that unpickled the callback, the carried W3C context is used.
+        """
+        local = self._local or self._make_local()
+        if local.startup_span is not None:
+            return set_span_in_context(local.startup_span)
+        if self._unpickled:
+            return context_from(self.trace_carrier)
+        span = local.observer.tel.tracer.start_span(
+            catalog.SPAN_STARTUP,
+            start_time=self.created_at_ns,
+            attributes={catalog.A_MODEL: self.model_id, catalog.A_CLASS: local.observer.class_name},
+        )
+        local.startup_span = span
+        self.trace_carrier = carrier_for(span)
+        _OPEN_STARTUPS.add(local)
+        return set_span_in_context(span)
+
+    def end_startup(self, error: BaseException | str | None = None) -> None:
+        """Close this replica's startup span (ok, or ERROR with ``error``). Idempotent."""
+        local = self._local
+        if local is None or local.startup_span is None:
+            return
+        _end_span(local.startup_span, error, self.telemetry_settings.record_exception_messages)
+        local.startup_span = None
+        _OPEN_STARTUPS.discard(local)
+
+    def defer_startup_end(self) -> None:
+        """Keep the startup span open past ``on_after_node_init``; the caller ends it."""
+        self._defer_startup_end = True
+
+    # --- dispatch -----------------------------------------------------------------------------
+
+    async def run_callback(self, method_name: str) -> None:
+        """Ray's async dispatch, with a span and metrics around the call."""
+        method, _ = self._get_method(method_name)
+        observer = self._observer
+        started = observer.start(method_name, self.startup_context())
+        error: BaseException | None = None
+        try:
+            await self._invoke_async(method_name, method)
+        except Exception as exc:
+            error = exc
+        observer.finish(method_name, started, error,
+                        record_message=self.telemetry_settings.record_exception_messages)
+        self._after_dispatch(method_name, error)
+
+    def run_callback_sync(self, method_name: str) -> None:
+        """Ray's sync dispatch, with a span and metrics, and async hooks run correctly even
+        when this thread already runs an event loop."""
+        method, _ = self._get_method(method_name)
+        observer = self._observer
+        started = observer.start(method_name, self.startup_context())
+        error: BaseException | None = None
+        try:
+            self._invoke_sync(method_name, method)
+        except Exception as exc:
+            error = exc
+        observer.finish(method_name, started, error,
+                        record_message=self.telemetry_settings.record_exception_messages)
+        self._after_dispatch(method_name, error)
+
+    async def _invoke_async(self, hook: str, method: Any) -> None:
+        """How the hook itself is called; the composite overrides this to run its children."""
+        await call_async(method, hook, None)
+
+    def _invoke_sync(self, hook: str, method: Any) -> None:
+        call_sync(method, hook, None)
+
+    def _after_dispatch(self, hook: str, error: BaseException | None) -> None:
+        if error is not None and self.raise_error_on_callback:
+            # The error leaves the replica's startup: that startup has failed.
+            self.end_startup(error)
+        elif hook == STARTUP_LAST_HOOK and not self._defer_startup_end:
+            self.end_startup()
+        if error is not None:
+            self._handle_callback_error(hook, error)  # Ray's raise-or-log, unchanged
+
+
+def _end_span(span: Span, error: BaseException | str | None, record_message: bool) -> None:
+    if error is not None and span.is_recording():
+        if isinstance(error, BaseException):
+            if record_message:
+                span.record_exception(error)
+            message = f"{type(error).__name__}: {error}" if record_message else type(error).__name__
+        else:
+            message = error
+        span.set_status(Status(StatusCode.ERROR, message))
+        span.set_attribute(catalog.A_OUTCOME, catalog.OUTCOME_ERROR)
+    elif span.is_recording():
+        span.set_attribute(catalog.A_OUTCOME, catalog.OUTCOME_OK)
+    span.end()
+
+
+# Startup spans still open when the process exits (a replica killed or failing between hooks)
+# end with an error, so the failed attempt is visible rather than lost.
+_OPEN_STARTUPS: weakref.WeakSet[_Local] = weakref.WeakSet()
+_EXIT_LOCK = threading.Lock()
+
+
+@before_shutdown
+def _close_open_startups() -> None:
+    with _EXIT_LOCK:
+        for local in list(_OPEN_STARTUPS):
+            span = local.startup_span
+            if span is not None:
+                _end_span(span, "process exited before the replica finished starting", True)
+                local.startup_span = None
+        _OPEN_STARTUPS.clear()

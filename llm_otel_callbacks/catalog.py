@@ -1,0 +1,192 @@
+"""Every metric, span and span attribute this package emits, with a sentence each.
+
+Code, the README tables and the Grafana dashboards are all derived from this module, so a
+name is typed once. Metric names here are *base* names; what a Prometheus scrape shows
+depends on the backend that exported it (see :meth:`MetricSpec.exposed_name`):
+
+* inside a Ray worker the metric goes through Ray's metrics agent, which adds the ``ray_``
+  prefix (``ray_llm_callback_hook_calls_total``);
+* outside Ray it goes to a ``prometheus_client`` registry with no prefix
+  (``llm_callback_hook_calls_total``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+MetricKind = Literal["counter", "histogram", "gauge"]
+
+#: Prefix Ray's metrics agent puts in front of every application metric.
+RAY_PREFIX = "ray_"
+
+# Buckets: hooks range from microseconds to many minutes (a download hook can wait for a
+# mirror); startup phases from a second to an hour.
+HOOK_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900,
+)
+PHASE_BUCKETS: tuple[float, ...] = (
+    0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900, 1800, 3600,
+)
+REQUEST_BUCKETS: tuple[float, ...] = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)
+TOKEN_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)
+TOKEN_COUNT_BUCKETS: tuple[float, ...] = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576,
+)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its base name, kind, unit, labels and (for histograms) buckets."""
+
+    name: str
+    kind: MetricKind
+    unit: str
+    description: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] | None = None
+
+    def exposed_name(self, *, ray: bool) -> str:
+        """The family name a Prometheus scrape shows (histograms add _bucket/_sum/_count)."""
+        base = (RAY_PREFIX if ray else "") + self.name
+        return base + "_total" if self.kind == "counter" else base
+
+    def series_names(self, *, ray: bool) -> tuple[str, ...]:
+        """Every sample name this metric produces in the exposition format."""
+        base = self.exposed_name(ray=ray)
+        if self.kind == "histogram":
+            return (base + "_bucket", base + "_sum", base + "_count")
+        return (base,)
+
+
+# --- label names (bounded cardinality only: ids of requests and paths go in spans) ---
+L_MODEL = "model"
+L_HOOK = "hook"
+L_CALLBACK = "callback"
+L_OUTCOME = "outcome"
+L_PHASE = "phase"
+L_NODE = "node"
+L_POLICY = "policy"
+L_RULE = "rule"
+L_STRATEGY = "strategy"
+L_FIELD = "field"
+L_SIGNAL = "signal"
+
+# --- outcomes of a hook call ---
+OUTCOME_OK = "ok"
+OUTCOME_ERROR = "error"
+OUTCOME_TIMEOUT = "timeout"
+OUTCOMES = (OUTCOME_OK, OUTCOME_ERROR, OUTCOME_TIMEOUT)
+
+# --- metrics ---
+HOOK_DURATION = MetricSpec(
+    "llm_callback_hook_duration_seconds", "histogram", "s",
+    "Wall time of one callback hook call, by hook, callback and outcome.",
+    (L_MODEL, L_HOOK, L_CALLBACK, L_OUTCOME), HOOK_BUCKETS,
+)
+HOOK_CALLS = MetricSpec(
+    "llm_callback_hook_calls", "counter", "1",
+    "Callback hook calls, by hook, callback and outcome (ok, error, timeout).",
+    (L_MODEL, L_HOOK, L_CALLBACK, L_OUTCOME),
+)
+CTX_CHANGES = MetricSpec(
+    "llm_callback_ctx_changes", "counter", "1",
+    "Changes a composite child made to a CallbackCtx field, by child and field.",
+    (L_MODEL, L_CALLBACK, L_FIELD),
+)
+STARTUP_PHASE_DURATION = MetricSpec(
+    "llm_callback_startup_phase_duration_seconds", "histogram", "s",
+    "Duration of one phase of a replica's startup (Timing), by phase, node and outcome.",
+    (L_MODEL, L_PHASE, L_NODE, L_OUTCOME), PHASE_BUCKETS,
+)
+REPLICAS_STARTING = MetricSpec(
+    "llm_callback_replicas_starting", "gauge", "1",
+    "Replicas of this process between callback creation and the end of startup (Timing).",
+    (L_MODEL,),
+)
+DOWNLOAD_DECISIONS = MetricSpec(
+    "llm_callback_download_policy_decisions", "counter", "1",
+    "Download-policy decisions (DownloadPolicy), by chosen policy, deciding rule and node.",
+    (L_MODEL, L_POLICY, L_RULE, L_NODE),
+)
+PLACEMENT_GROUP_WAIT = MetricSpec(
+    "llm_callback_placement_group_wait_seconds", "histogram", "s",
+    "Time waited for a placement group to become ready (CustomPlacementGroup).",
+    (L_MODEL, L_STRATEGY, L_OUTCOME), PHASE_BUCKETS,
+)
+EXPORT_FAILURES = MetricSpec(
+    "llm_callback_telemetry_export_failures", "counter", "1",
+    "Span exports that failed or were skipped while the collector was backing off.",
+    (L_SIGNAL,),
+)
+
+CORE_METRICS: tuple[MetricSpec, ...] = (HOOK_DURATION, HOOK_CALLS, EXPORT_FAILURES)
+BUILTIN_METRICS: tuple[MetricSpec, ...] = (
+    CTX_CHANGES, STARTUP_PHASE_DURATION, REPLICAS_STARTING, DOWNLOAD_DECISIONS,
+    PLACEMENT_GROUP_WAIT,
+)
+ALL_METRICS: tuple[MetricSpec, ...] = CORE_METRICS + BUILTIN_METRICS
+
+# --- span names ---
+SPAN_STARTUP = "ray_serve_llm.replica.startup"
+"""Root span of one replica's startup; every hook span (in every process) is under it."""
+SPAN_HOOK_PREFIX = "llm_callback "
+"""A hook span is named ``llm_callback <hook>``; a composite child's ``llm_callback <hook> <child>``."""
+SPAN_PHASE_PREFIX = "startup_phase "
+"""A Timing phase span is named ``startup_phase <phase>``."""
+
+# --- span attributes ---
+A_HOOK = "llm_callback.hook"
+"""Name of the hook (``on_before_node_init`` ...)."""
+A_CLASS = "llm_callback.class"
+"""Qualified class name of the callback that ran the hook."""
+A_CALLBACK = "llm_callback.name"
+"""Name of the callback (a composite child's configured name)."""
+A_OUTCOME = "llm_callback.outcome"
+"""``ok``, ``error`` or ``timeout``."""
+A_MODEL = "gen_ai.request.model"
+"""The model id of the LLMConfig (OTel GenAI convention name)."""
+A_RAISE = "llm_callback.raise_error_on_callback"
+"""The raise policy in force for the call."""
+A_TIMEOUT = "llm_callback.timeout_s"
+"""The timeout in force for the call, when one is set."""
+A_PID = "process.pid"
+"""Process id of the process that ran the hook (also a resource attribute)."""
+A_NODE_ID = "ray.node_id"
+"""Ray node id (resource attribute, and on per-node spans)."""
+A_PHASE = "llm_callback.phase"
+"""Startup phase name (Timing)."""
+A_FIELD = "llm_callback.ctx.field"
+"""CallbackCtx field a child changed (change-log events)."""
+A_OLD = "llm_callback.ctx.old"
+"""Summary of the value before the change."""
+A_NEW = "llm_callback.ctx.new"
+"""Summary of the value after the change."""
+A_POLICY = "llm_callback.download.policy"
+"""Download policy chosen (DownloadPolicy)."""
+A_RULE = "llm_callback.download.rule"
+"""Rule that chose the policy (DownloadPolicy)."""
+A_PG_ID = "ray.placement_group.id"
+"""Placement group id chosen by CustomPlacementGroup."""
+A_PG_STRATEGY = "ray.placement_group.strategy"
+"""Placement group strategy."""
+A_PG_BUNDLES = "ray.placement_group.bundles"
+"""Placement group bundles (JSON)."""
+
+# --- span events ---
+EVENT_CTX_CHANGE = "ctx_change"
+"""A composite child changed a CallbackCtx field."""
+EVENT_VETO = "node_init_vetoed"
+"""A composite child turned Ray's node initialization off."""
+
+# Resource attribute keys set when the process runs in Ray / Serve.
+R_RAY_NODE = "ray.node_id"
+R_RAY_JOB = "ray.job_id"
+R_RAY_ACTOR = "ray.actor_id"
+R_SERVE_APP = "ray.serve.app"
+R_SERVE_DEPLOYMENT = "ray.serve.deployment"
+R_SERVE_REPLICA = "ray.serve.replica_id"

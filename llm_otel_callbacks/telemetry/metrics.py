@@ -1,0 +1,246 @@
+"""Metric backends behind one small interface: Ray's metrics system, prometheus_client, OTLP.
+
+* Ray: inside a Ray worker, ``ray.util.metrics`` hands the points to the node's metrics agent,
+  which the standard scrape of Ray's metrics export port already collects, so replicas need
+  no port of their own. Ray prefixes the names with ``ray_``.
+* prometheus_client: outside Ray, a registry (the default one unless given), optionally served
+  on a port bound to 127.0.0.1. Histograms carry the trace id as an exemplar, which the
+  OpenMetrics exposition shows.
+* OTLP: when an OTLP endpoint is configured, through an OTel meter.
+
+Each recorder caches its per-label-set handle, so a hot call is one dict lookup and one add.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..catalog import MetricSpec
+
+logger = logging.getLogger(__name__)
+
+Labels = tuple[str, ...]
+
+
+class Recorder(Protocol):
+    """One metric. ``add`` increments a counter or moves a gauge; ``record`` observes."""
+
+    def add(self, labels: Labels, value: float = 1.0) -> None: ...
+
+    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def recorder(self, spec: MetricSpec) -> Recorder: ...
+
+
+class _NullRecorder:
+    def add(self, labels: Labels, value: float = 1.0) -> None:
+        return None
+
+    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
+        return None
+
+
+NULL_RECORDER: Recorder = _NullRecorder()
+
+
+class _FanOut:
+    """Several backends at once (e.g. Ray plus OTLP)."""
+
+    def __init__(self, parts: Sequence[Recorder]) -> None:
+        self._parts = tuple(parts)
+
+    def add(self, labels: Labels, value: float = 1.0) -> None:
+        for part in self._parts:
+            part.add(labels, value)
+
+    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
+        for part in self._parts:
+            part.record(labels, value, trace_id)
+
+
+def combine(parts: Sequence[Recorder]) -> Recorder:
+    if not parts:
+        return NULL_RECORDER
+    return parts[0] if len(parts) == 1 else _FanOut(parts)
+
+
+# --- Ray ---------------------------------------------------------------------------------
+
+
+class _RayRecorder:
+    def __init__(self, spec: MetricSpec) -> None:
+        from ray.util import metrics as ray_metrics
+
+        self._keys = spec.labels
+        self._tags: dict[Labels, dict[str, str]] = {}
+        self._gauge_values: dict[Labels, float] = {}
+        self._lock = threading.Lock()
+        self._metric: Any
+        if spec.kind == "counter":
+            self._metric = ray_metrics.Counter(
+                spec.name, description=spec.description, tag_keys=spec.labels
+            )
+        elif spec.kind == "histogram":
+            self._metric = ray_metrics.Histogram(
+                spec.name,
+                description=spec.description,
+                boundaries=list(spec.buckets or ()),
+                tag_keys=spec.labels,
+            )
+        else:
+            self._metric = ray_metrics.Gauge(
+                spec.name, description=spec.description, tag_keys=spec.labels
+            )
+        self._kind = spec.kind
+
+    def _tags_for(self, labels: Labels) -> dict[str, str]:
+        tags = self._tags.get(labels)
+        if tags is None:
+            tags = self._tags[labels] = dict(zip(self._keys, labels, strict=True))
+        return tags
+
+    def add(self, labels: Labels, value: float = 1.0) -> None:
+        if self._kind == "gauge":
+            # Ray gauges only know set(); keep the running value per label set.
+            with self._lock:
+                current = self._gauge_values.get(labels, 0.0) + value
+                self._gauge_values[labels] = current
+            self._metric.set(current, tags=self._tags_for(labels))
+        else:
+            self._metric.inc(value, tags=self._tags_for(labels))
+
+    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
+        self._metric.observe(value, tags=self._tags_for(labels))
+
+
+class RayBackend:
+    name = "ray"
+
+    def recorder(self, spec: MetricSpec) -> Recorder:
+        return _RayRecorder(spec)
+
+
+# --- prometheus_client -------------------------------------------------------------------
+
+# prometheus_client refuses to register a name twice in one registry, and telemetry can be
+# rebuilt in one process (tests, a changed configuration): keep one collector per name.
+_PROM_COLLECTORS: dict[tuple[int, str], Any] = {}
+_PROM_LOCK = threading.Lock()
+
+
+class _PromRecorder:
+    def __init__(self, spec: MetricSpec, registry: Any) -> None:
+        import prometheus_client as pc
+
+        key = (id(registry), spec.name)
+        with _PROM_LOCK:
+            metric = _PROM_COLLECTORS.get(key)
+            if metric is None:
+                labels = list(spec.labels)
+                if spec.kind == "counter":
+                    metric = pc.Counter(spec.name, spec.description, labels, registry=registry)
+                elif spec.kind == "histogram":
+                    metric = pc.Histogram(
+                        spec.name,
+                        spec.description,
+                        labels,
+                        registry=registry,
+                        buckets=list(spec.buckets or pc.Histogram.DEFAULT_BUCKETS),
+                    )
+                else:
+                    metric = pc.Gauge(spec.name, spec.description, labels, registry=registry)
+                _PROM_COLLECTORS[key] = metric
+        self._metric = metric
+        self._kind = spec.kind
+        self._children: dict[Labels, Any] = {}
+
+    def _child(self, labels: Labels) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+    def add(self, labels: Labels, value: float = 1.0) -> None:
+        self._child(labels).inc(value)
+
+    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
+        if trace_id is not None:
+            self._child(labels).observe(value, exemplar={"trace_id": trace_id})
+        else:
+            self._child(labels).observe(value)
+
+
+class PrometheusBackend:
+    name = "prometheus"
+
+    def __init__(self, registry: Any = None, port: int | None = None, host: str = "127.0.0.1"):
+        import prometheus_client as pc
+
+        self.registry = registry if registry is not None else pc.REGISTRY
+        self.port: int | None = None
+        if port is not None:
+            self.port = _serve(self.registry, port, host)
+
+    def recorder(self, spec: MetricSpec) -> Recorder:
+        return _PromRecorder(spec, self.registry)
+
+
+def _serve(registry: Any, port: int, host: str) -> int:
+    import prometheus_client as pc
+
+    server, _thread = pc.start_http_server(port, addr=host, registry=registry)
+    bound = int(server.server_port)
+    logger.info("llm_otel_callbacks: metrics served on http://%s:%d/metrics", host, bound)
+    return bound
+
+
+# --- OTLP (OTel meter) -------------------------------------------------------------------
+
+
+class _OtelRecorder:
+    def __init__(self, spec: MetricSpec, meter: Any) -> None:
+        self._keys = spec.labels
+        self._attrs: dict[Labels, dict[str, str]] = {}
+        self._kind = spec.kind
+        if spec.kind == "counter":
+            self._inst = meter.create_counter(spec.name, unit=spec.unit, description=spec.description)
+        elif spec.kind == "histogram":
+            self._inst = meter.create_histogram(
+                spec.name,
+                unit=spec.unit,
+                description=spec.description,
+                explicit_bucket_boundaries_advisory=list(spec.buckets or ()),
+            )
+        else:
+            self._inst = meter.create_up_down_counter(
+                spec.name, unit=spec.unit, description=spec.description
+            )
+
+    def _attributes(self, labels: Labels) -> dict[str, str]:
+        attrs = self._attrs.get(labels)
+        if attrs is None:
+            attrs = self._attrs[labels] = dict(zip(self._keys, labels, strict=True))
+        return attrs
+
+    def add(self, labels: Labels, value: float = 1.0) -> None:
+        self._inst.add(value, self._attributes(labels))
+
+    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
+        self._inst.record(value, self._attributes(labels))
+
+
+class OtelBackend:
+    name = "otlp"
+
+    def __init__(self, meter: Any) -> None:
+        self._meter = meter
+
+    def recorder(self, spec: MetricSpec) -> Recorder:
+        return _OtelRecorder(spec, self._meter)

@@ -1,0 +1,403 @@
+"""Process-wide telemetry, built lazily on first use and never pickled.
+
+Only the first ``set_tracer_provider`` in a process counts, and Ray Serve tracing, vLLM and the
+user may all want that slot. So: an SDK provider somebody already installed is reused as is;
+otherwise we build a private one (installed globally only on request), so we never take the
+slot from a component that starts after us.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.trace import NoOpTracer, Tracer
+
+from .. import catalog
+from ..catalog import MetricSpec
+from .metrics import (
+    NULL_RECORDER,
+    Backend,
+    OtelBackend,
+    PrometheusBackend,
+    RayBackend,
+    Recorder,
+    combine,
+)
+from .settings import TelemetrySettings
+
+logger = logging.getLogger(__name__)
+
+INSTRUMENTATION_NAME = "llm_otel_callbacks"
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.26.0"
+
+
+class Telemetry:
+    """The tracer and metric recorders of this process."""
+
+    def __init__(self, settings: TelemetrySettings) -> None:
+        self.settings = settings
+        self._recorders: dict[str, Recorder] = {}
+        self._lock = threading.Lock()
+        self._shutdown_hooks: list[Any] = []
+        self.process_attributes: dict[str, Any] = _process_attributes()
+        self.tracer_provider: Any = None
+        self.backends: list[Backend] = []
+        self.prometheus_port: int | None = None
+        if not settings.enabled:
+            self.tracer: Tracer = NoOpTracer()
+            return
+        self.tracer = self._make_tracer()
+        self.backends = self._make_backends()
+        atexit.register(self.shutdown)
+
+    # --- traces ---------------------------------------------------------------------------
+
+    def _make_tracer(self) -> Tracer:
+        from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+
+        settings = self.settings
+        installed = trace.get_tracer_provider()
+        if settings.reuse_installed_provider and isinstance(installed, SdkTracerProvider):
+            self.tracer_provider = installed
+            return installed.get_tracer(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+        if not settings.exports_traces:
+            # Nothing would receive the spans: do not pay for recording them.
+            return NoOpTracer()
+        provider = SdkTracerProvider(
+            sampler=_sampler(settings),
+            resource=_resource(settings, self.process_attributes),
+            shutdown_on_exit=False,  # we flush at exit ourselves, with a bound
+        )
+        for exporter in _span_exporters(settings, self._count_export_failures):
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            provider.add_span_processor(
+                BatchSpanProcessor(
+                    exporter,
+                    schedule_delay_millis=settings.schedule_delay_ms,
+                    export_timeout_millis=settings.export_timeout_s * 1000,
+                )
+            )
+        self.tracer_provider = provider
+        self._shutdown_hooks.append(provider)
+        if settings.install_global_provider:
+            trace.set_tracer_provider(provider)
+        return provider.get_tracer(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+
+    def _count_export_failures(self, count: int) -> None:
+        self.recorder(catalog.EXPORT_FAILURES).add(("traces",), float(count))
+
+    # --- metrics --------------------------------------------------------------------------
+
+    def _make_backends(self) -> list[Backend]:
+        settings = self.settings
+        backends: list[Backend] = []
+        choice = settings.metrics_backend
+        if choice == "auto":
+            choice = "ray" if _in_ray() else "prometheus"
+        if choice == "ray":
+            backends.append(RayBackend())
+        elif choice == "prometheus":
+            prom = PrometheusBackend(port=settings.prometheus_port, host=settings.prometheus_host)
+            self.prometheus_port = prom.port
+            backends.append(prom)
+        if settings.exports_otlp_metrics:
+            meter = self._make_meter()
+            if meter is not None:
+                backends.append(OtelBackend(meter))
+        return backends
+
+    def _make_meter(self) -> Any:
+        from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+
+        settings = self.settings
+        installed = otel_metrics.get_meter_provider()
+        if settings.reuse_installed_provider and isinstance(installed, SdkMeterProvider):
+            return installed.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        exporter = _metric_exporter(settings)
+        reader = PeriodicExportingMetricReader(
+            exporter,
+            export_interval_millis=settings.metric_export_interval_ms,
+            export_timeout_millis=settings.export_timeout_s * 1000,
+        )
+        provider = SdkMeterProvider(
+            metric_readers=[reader],
+            resource=_resource(settings, self.process_attributes),
+            shutdown_on_exit=False,
+        )
+        self._shutdown_hooks.append(provider)
+        if settings.install_global_provider:
+            otel_metrics.set_meter_provider(provider)
+        return provider.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+
+    def recorder(self, spec: MetricSpec) -> Recorder:
+        """The recorder for one catalog metric, created on first use."""
+        rec = self._recorders.get(spec.name)
+        if rec is not None:
+            return rec
+        with self._lock:
+            rec = self._recorders.get(spec.name)
+            if rec is None:
+                parts = []
+                for backend in self.backends:
+                    try:
+                        parts.append(backend.recorder(spec))
+                    except Exception as exc:  # a broken backend must not break hooks
+                        logger.warning(
+                            "llm_otel_callbacks: metric %s unavailable on %s: %s",
+                            spec.name, backend.name, exc,
+                        )
+                rec = combine(parts) if parts else NULL_RECORDER
+                self._recorders[spec.name] = rec
+        return rec
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def force_flush(self, timeout_s: float | None = None) -> None:
+        """Flush spans and metrics, waiting at most ``timeout_s`` in total."""
+        timeout = self.settings.shutdown_timeout_s if timeout_s is None else timeout_s
+        _bounded(lambda: [_flush(p, timeout) for p in self._flushables()], timeout)
+
+    def _flushables(self) -> list[Any]:
+        out = list(self._shutdown_hooks)
+        if self.tracer_provider is not None and self.tracer_provider not in out:
+            out.append(self.tracer_provider)
+        return out
+
+    def shutdown(self) -> None:
+        """Flush and stop what we built (never a provider we reused), bounded in time."""
+        timeout = self.settings.shutdown_timeout_s
+        for fn in list(_BEFORE_SHUTDOWN):
+            try:
+                fn()
+            except Exception as exc:
+                logger.debug("telemetry pre-shutdown hook failed: %s", exc)
+        hooks, self._shutdown_hooks = self._shutdown_hooks, []
+        if self.tracer_provider is not None and self.tracer_provider not in hooks:
+            # A reused provider is not ours to shut down, but our spans should leave.
+            _bounded(lambda: _flush(self.tracer_provider, timeout), timeout)
+        for hook in hooks:
+            _bounded(lambda h=hook: (_flush(h, timeout), h.shutdown()), timeout)
+
+
+def _flush(provider: Any, timeout_s: float) -> Any:
+    flush = getattr(provider, "force_flush", None)
+    return flush(int(timeout_s * 1000)) if flush is not None else None
+
+
+def _bounded(fn: Any, timeout_s: float) -> None:
+    """Run ``fn`` in a daemon thread and wait at most ``timeout_s`` for it."""
+    worker = threading.Thread(target=_quiet(fn), name="llm-otel-flush", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+
+
+def _quiet(fn: Any) -> Any:
+    def run() -> None:
+        try:
+            fn()
+        except Exception as exc:
+            logger.debug("telemetry flush failed: %s", exc)
+
+    return run
+
+
+_BEFORE_SHUTDOWN: list[Any] = []
+
+
+def before_shutdown(fn: Any) -> Any:
+    """Register ``fn`` to run before telemetry flushes at exit (to end open spans)."""
+    _BEFORE_SHUTDOWN.append(fn)
+    return fn
+
+
+# --- process-wide singleton ----------------------------------------------------------------
+
+_STATE: Telemetry | None = None
+_STATE_LOCK = threading.Lock()
+_STATE_PID: int | None = None
+
+
+def get_telemetry(settings: TelemetrySettings) -> Telemetry:
+    """This process's telemetry; the first caller's settings build it."""
+    global _STATE, _STATE_PID
+    state = _STATE
+    if state is not None and _STATE_PID == os.getpid():
+        return state
+    with _STATE_LOCK:
+        if _STATE is None or _STATE_PID != os.getpid():
+            try:
+                _STATE = Telemetry(settings)
+            except Exception as exc:
+                # Telemetry must never stop a replica from starting.
+                logger.warning("llm_otel_callbacks: telemetry disabled: %s", exc)
+                _STATE = Telemetry(settings.model_copy(update={"enabled": False}))
+            _STATE_PID = os.getpid()
+        elif _STATE.settings != settings:
+            logger.debug("llm_otel_callbacks: telemetry already set up in this process")
+        return _STATE
+
+
+def current_telemetry() -> Telemetry | None:
+    return _STATE if _STATE_PID == os.getpid() else None
+
+
+def reset_telemetry() -> None:
+    """Shut this process's telemetry down so the next hook builds it anew (tests, reconfig)."""
+    global _STATE, _STATE_PID
+    with _STATE_LOCK:
+        state, _STATE, _STATE_PID = _STATE, None, None
+    if state is not None:
+        state.shutdown()
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _in_ray() -> bool:
+    try:
+        import ray
+
+        return bool(ray.is_initialized())
+    except Exception:
+        return False
+
+
+def _process_attributes() -> dict[str, Any]:
+    """Where spans come from: host, pid, and Ray / Serve ids when present."""
+    attrs: dict[str, Any] = {"host.name": socket.gethostname(), "process.pid": os.getpid()}
+    if not _in_ray():
+        return attrs
+    try:
+        import ray
+
+        rc = ray.get_runtime_context()
+        attrs[catalog.R_RAY_NODE] = rc.get_node_id()
+        attrs[catalog.R_RAY_JOB] = rc.get_job_id()
+        actor = rc.get_actor_id()
+        if actor:
+            attrs[catalog.R_RAY_ACTOR] = actor
+    except Exception:
+        pass
+    try:
+        from ray.serve.context import _get_internal_replica_context
+
+        replica = _get_internal_replica_context()
+        if replica is not None:
+            attrs[catalog.R_SERVE_APP] = replica.app_name
+            attrs[catalog.R_SERVE_DEPLOYMENT] = replica.deployment
+            attrs[catalog.R_SERVE_REPLICA] = replica.replica_id.unique_id
+    except Exception:
+        pass
+    return attrs
+
+
+def _resource(settings: TelemetrySettings, process_attrs: dict[str, Any]) -> Any:
+    from opentelemetry.sdk.resources import Resource
+
+    attrs: dict[str, Any] = dict(process_attrs)
+    attrs.update(settings.resource_attributes)
+    attrs["service.name"] = settings.service_name
+    attrs["telemetry.distro.name"] = INSTRUMENTATION_NAME
+    # Resource(...) and not Resource.create(): settings already merged the OTEL_* variables
+    # under the kwargs, and create() would let the environment win.
+    return Resource.get_empty().merge(Resource(attrs))
+
+
+def _sampler(settings: TelemetrySettings) -> Any:
+    from opentelemetry.sdk.trace import sampling
+
+    arg = 1.0 if settings.sampler_arg is None else settings.sampler_arg
+    name = settings.sampler
+    if name == "always_on":
+        return sampling.ALWAYS_ON
+    if name == "always_off":
+        return sampling.ALWAYS_OFF
+    if name == "traceidratio":
+        return sampling.TraceIdRatioBased(arg)
+    if name == "parentbased_always_off":
+        return sampling.ParentBased(sampling.ALWAYS_OFF)
+    if name == "parentbased_traceidratio":
+        return sampling.ParentBased(sampling.TraceIdRatioBased(arg))
+    return sampling.ParentBased(sampling.ALWAYS_ON)
+
+
+def _headers(settings: TelemetrySettings) -> dict[str, str]:
+    return {k: v.get_secret_value() for k, v in settings.headers.items()}
+
+
+def _signal_url(base: str, path: str) -> str:
+    """OTLP/HTTP: a base endpoint gets the signal path appended (per the exporter spec)."""
+    trimmed = base.rstrip("/")
+    return trimmed if trimmed.endswith(path) else trimmed + path
+
+
+def _span_exporters(settings: TelemetrySettings, on_failure: Any) -> list[Any]:
+    from .export import GuardedSpanExporter, OtlpJsonFileSpanExporter
+
+    exporters: list[Any] = []
+    if settings.endpoint:
+        if settings.protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+
+            inner: Any = GrpcSpanExporter(
+                endpoint=settings.endpoint,
+                headers=_headers(settings) or None,
+                timeout=settings.export_timeout_s,
+                insecure=settings.endpoint.startswith("http://"),
+            )
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HttpSpanExporter,
+            )
+
+            inner = HttpSpanExporter(
+                endpoint=_signal_url(settings.endpoint, "/v1/traces"),
+                headers=_headers(settings) or None,
+                timeout=settings.export_timeout_s,
+            )
+        exporters.append(GuardedSpanExporter(inner, on_failure))
+    if settings.traces_file:
+        exporters.append(GuardedSpanExporter(OtlpJsonFileSpanExporter(settings.traces_file)))
+    return exporters
+
+
+def _metric_exporter(settings: TelemetrySettings) -> Any:
+    endpoint = settings.metrics_endpoint or settings.endpoint or ""
+    if settings.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcMetricExporter,
+        )
+
+        return GrpcMetricExporter(
+            endpoint=endpoint,
+            headers=_headers(settings) or None,
+            timeout=settings.export_timeout_s,
+            insecure=endpoint.startswith("http://"),
+        )
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpMetricExporter,
+    )
+
+    return HttpMetricExporter(
+        endpoint=_signal_url(endpoint, "/v1/metrics"),
+        headers=_headers(settings) or None,
+        timeout=settings.export_timeout_s,
+    )

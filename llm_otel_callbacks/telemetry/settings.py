@@ -1,0 +1,165 @@
+"""One pydantic model for telemetry: ``callback_kwargs["telemetry"]`` > ``OTEL_*`` > defaults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import unquote
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from .._validation import CallbackConfigError, validate_kwargs
+
+Protocol = Literal["grpc", "http/protobuf"]
+MetricsBackend = Literal["auto", "ray", "prometheus", "none"]
+SamplerName = Literal[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+]
+
+DEFAULT_SERVICE_NAME = "ray-serve-llm"
+
+
+class TelemetrySettings(BaseModel):
+    """How this process exports spans and metrics. Plain data: safe to pickle."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    """False turns every span and metric of this package off (``OTEL_SDK_DISABLED=true``)."""
+    service_name: str = DEFAULT_SERVICE_NAME
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    endpoint: str | None = None
+    """OTLP endpoint for traces (and metrics unless ``metrics_endpoint`` is set)."""
+    metrics_endpoint: str | None = None
+    protocol: Protocol = "http/protobuf"
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    """OTLP headers; kept as secrets so they never show in a repr or a log."""
+    traces_file: str | None = None
+    """Embedded sink: write spans as OTLP/JSON lines to this file (no collector needed)."""
+    sampler: SamplerName = "parentbased_always_on"
+    sampler_arg: float | None = None
+    metrics_backend: MetricsBackend = "auto"
+    """auto: Ray's metrics system inside a Ray worker, else a prometheus_client registry."""
+    prometheus_port: int | None = None
+    """Outside Ray: serve the prometheus_client registry on this port (0 = pick a free one)."""
+    prometheus_host: str = "127.0.0.1"
+    otlp_metrics: bool | None = None
+    """Export metrics over OTLP too; default: when an endpoint is configured."""
+    metric_export_interval_ms: int = Field(default=10_000, ge=100)
+    export_timeout_s: float = Field(default=5.0, gt=0)
+    schedule_delay_ms: int = Field(default=1_000, ge=10)
+    shutdown_timeout_s: float = Field(default=5.0, ge=0)
+    reuse_installed_provider: bool = True
+    """Use a tracer/meter provider somebody already installed (Ray Serve, vLLM, the user)."""
+    install_global_provider: bool = False
+    """Make the provider we build the process-wide one (off: never take the slot from others)."""
+    record_exception_messages: bool = True
+    """Put exception messages on spans; turn off when hooks may raise with secrets in them."""
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _parse_headers(cls, value: Any) -> Any:
+        return _parse_kv(value) if isinstance(value, str) else value
+
+    @field_validator("resource_attributes", mode="before")
+    @classmethod
+    def _parse_resource(cls, value: Any) -> Any:
+        return _parse_kv(value) if isinstance(value, str) else value
+
+    @property
+    def exports_traces(self) -> bool:
+        return self.enabled and bool(self.endpoint or self.traces_file)
+
+    @property
+    def exports_otlp_metrics(self) -> bool:
+        if not self.enabled:
+            return False
+        if self.otlp_metrics is not None:
+            return self.otlp_metrics and bool(self.metrics_endpoint or self.endpoint)
+        return bool(self.metrics_endpoint or self.endpoint)
+
+    @classmethod
+    def resolve(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> TelemetrySettings:
+        """Build settings from the kwargs mapping over ``OTEL_*`` variables over defaults.
+
+        Raises :class:`CallbackConfigError` naming the offending field.
+        """
+        merged: dict[str, Any] = from_environment(os.environ if environ is None else environ)
+        if overrides is not None:
+            if not isinstance(overrides, Mapping):
+                raise CallbackConfigError(
+                    f"telemetry: expected a mapping, got {type(overrides).__name__}"
+                )
+            merged.update(overrides)
+        return validate_kwargs(cls, merged, "telemetry")
+
+
+def from_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    """The standard OTEL_* variables, mapped onto settings fields."""
+    out: dict[str, Any] = {}
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        out["enabled"] = False
+    if env.get("OTEL_SERVICE_NAME"):
+        out["service_name"] = env["OTEL_SERVICE_NAME"]
+    if env.get("OTEL_RESOURCE_ATTRIBUTES"):
+        attrs = _parse_kv(env["OTEL_RESOURCE_ATTRIBUTES"])
+        # The spec lets service.name come from the resource attributes too.
+        if "service.name" in attrs and "service_name" not in out:
+            out["service_name"] = attrs["service.name"]
+        out["resource_attributes"] = attrs
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if endpoint:
+        out["endpoint"] = endpoint
+    if env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        out["metrics_endpoint"] = env["OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"]
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL"
+    )
+    if protocol:
+        out["protocol"] = protocol.strip()
+    headers = env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get(
+        "OTEL_EXPORTER_OTLP_HEADERS"
+    )
+    if headers:
+        out["headers"] = headers
+    if env.get("OTEL_TRACES_SAMPLER"):
+        out["sampler"] = env["OTEL_TRACES_SAMPLER"].strip().lower()
+    if env.get("OTEL_TRACES_SAMPLER_ARG"):
+        out["sampler_arg"] = env["OTEL_TRACES_SAMPLER_ARG"]
+    if env.get("OTEL_EXPORTER_OTLP_TIMEOUT"):
+        # The spec gives this one in milliseconds.
+        out["export_timeout_s"] = float(env["OTEL_EXPORTER_OTLP_TIMEOUT"]) / 1000.0
+    if env.get("OTEL_BSP_SCHEDULE_DELAY"):
+        out["schedule_delay_ms"] = env["OTEL_BSP_SCHEDULE_DELAY"]
+    if env.get("OTEL_METRIC_EXPORT_INTERVAL"):
+        out["metric_export_interval_ms"] = env["OTEL_METRIC_EXPORT_INTERVAL"]
+    if env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none":
+        out["otlp_metrics"] = False
+    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        out["endpoint"] = None
+    return out
+
+
+def _parse_kv(text: str) -> dict[str, str]:
+    """Parse the ``k1=v1,k2=v2`` form the OTel spec uses for headers and resources."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected key=value, got {key.strip()!r}")
+        out[unquote(key.strip())] = unquote(value.strip())
+    return out
