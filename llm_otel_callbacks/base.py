@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from opentelemetry.context import Context
@@ -43,10 +43,22 @@ def model_id_of(llm_config: Any) -> str:
         return "unknown"
 
 
+@dataclass(frozen=True)
+class HookTarget:
+    """One object whose hooks run for a callback: the callback itself, or a composite child."""
+
+    name: str
+    """Metric label and span attribute: the callback's (or child's) name."""
+    instance: Any
+    """Object whose hook methods are called (a child adapter for seed-style children)."""
+    raise_error_on_callback: bool
+    timeout_s: float | None = None
+
+
 class _Local:
     """What one process knows about one callback instance. Never pickled."""
 
-    __slots__ = ("observer", "startup_span", "__weakref__")
+    __slots__ = ("observer", "startup_span")
 
     def __init__(self, observer: HookObserver) -> None:
         self.observer = observer
@@ -96,6 +108,8 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         self._unpickled = False
         self._local: _Local | None = None
         self._defer_startup_end = False
+        # A composite sets itself here so its children share its startup trace.
+        self.startup_owner: RayServeLLMCallback | None = None
 
     # --- pickling: telemetry never travels --------------------------------------------------
 
@@ -137,6 +151,8 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         In the replica, the first call opens the startup span (backdated to the callback's
         creation); in a process that unpickled the callback, the carried W3C context is used.
         """
+        if self.startup_owner is not None:
+            return self.startup_owner.startup_context()
         local = self._local or self._make_local()
         if local.startup_span is not None:
             return set_span_in_context(local.startup_span)
@@ -149,21 +165,46 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         )
         local.startup_span = span
         self.trace_carrier = carrier_for(span)
-        _OPEN_STARTUPS.add(local)
+        _OPEN_STARTUPS.add((self, local))
         return set_span_in_context(span)
 
     def end_startup(self, error: BaseException | str | None = None) -> None:
         """Close this replica's startup span (ok, or ERROR with ``error``). Idempotent."""
+        if self.startup_owner is not None:
+            self.startup_owner.end_startup(error)
+            return
         local = self._local
         if local is None or local.startup_span is None:
             return
+        self._notify_startup_ended(error)
         _end_span(local.startup_span, error, self.telemetry_settings.record_exception_messages)
         local.startup_span = None
-        _OPEN_STARTUPS.discard(local)
+        _OPEN_STARTUPS.discard((self, local))
+
+    def _notify_startup_ended(self, error: BaseException | str | None) -> None:
+        try:
+            self.startup_ended(error)
+        except Exception as exc:  # a notification must not break the dispatch
+            logger.warning("%s.startup_ended failed: %s", type(self).__name__, exc)
+
+    def startup_ended(self, error: BaseException | str | None) -> None:
+        """Called once when this replica's startup ends: ``error`` is None on success.
+
+        It is also called with an error when the startup fails (a hook raised under the
+        raise policy) or the process exits first. Override to close your own spans; never
+        depend on ``on_after_node_init`` for that, a failed replica never reaches it."""
 
     def defer_startup_end(self) -> None:
         """Keep the startup span open past ``on_after_node_init``; the caller ends it."""
+        if self.startup_owner is not None:
+            self.startup_owner.defer_startup_end()
         self._defer_startup_end = True
+
+    def hook_targets(self) -> list[HookTarget]:
+        """Whose hooks run for this callback, in order (a composite lists its children).
+
+        Request-time hooks (``on_llm_start`` ...) are looked up on these instances."""
+        return [HookTarget(self.callback_name, self, self.raise_error_on_callback)]
 
     # --- dispatch -----------------------------------------------------------------------------
 
@@ -230,16 +271,13 @@ def _end_span(span: Span, error: BaseException | str | None, record_message: boo
 
 # Startup spans still open when the process exits (a replica killed or failing between hooks)
 # end with an error, so the failed attempt is visible rather than lost.
-_OPEN_STARTUPS: weakref.WeakSet[_Local] = weakref.WeakSet()
+_OPEN_STARTUPS: set[tuple[RayServeLLMCallback, _Local]] = set()
 _EXIT_LOCK = threading.Lock()
 
 
 @before_shutdown
 def _close_open_startups() -> None:
     with _EXIT_LOCK:
-        for local in list(_OPEN_STARTUPS):
-            span = local.startup_span
-            if span is not None:
-                _end_span(span, "process exited before the replica finished starting", True)
-                local.startup_span = None
+        for callback, _local in list(_OPEN_STARTUPS):
+            callback.end_startup("process exited before the replica finished starting")
         _OPEN_STARTUPS.clear()
