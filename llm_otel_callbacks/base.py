@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,6 +31,9 @@ from .telemetry.propagation import carrier_for, context_from
 from .telemetry.providers import before_shutdown
 
 logger = logging.getLogger(__name__)
+
+#: process_cache key of the follow-up set by :meth:`RayServeLLMCallback.call_after_node_init`.
+_AFTER_NODE_INIT = "base.after_node_init"
 
 #: The hook after which a replica's startup span is closed (unless something that knows
 #: more, such as ObservedLLMServer's engine start, takes over closing it).
@@ -58,11 +62,12 @@ class HookTarget:
 class _Local:
     """What one process knows about one callback instance. Never pickled."""
 
-    __slots__ = ("observer", "startup_span")
+    __slots__ = ("cache", "observer", "startup_span")
 
     def __init__(self, observer: HookObserver) -> None:
         self.observer = observer
         self.startup_span: Span | None = None
+        self.cache: dict[Any, Any] = {}  # per-process memo for subclasses (never pickled)
 
 
 class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
@@ -122,11 +127,32 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         self.__dict__.update(state)
         self._local = None
         self._unpickled = True
-        self.after_unpickle()
+        # Deferred to the first read of ``ctx``: while the LLMConfig is still being
+        # unpickled, ``self.llm_config`` may be half built. Ray reads ``ctx`` right after.
+        self._pending_unpickle = True
+
+    @property
+    def ctx(self) -> Any:
+        """Ray's CallbackCtx (shared by every child of a composite)."""
+        if self.__dict__.get("_pending_unpickle"):
+            self._pending_unpickle = False
+            self._run_after_unpickle()
+        return self.__dict__["_ctx"]
+
+    @ctx.setter
+    def ctx(self, value: Any) -> None:
+        self.__dict__["_ctx"] = value
+
+    def _run_after_unpickle(self) -> None:
+        try:
+            self.after_unpickle()
+        except Exception as exc:
+            self._handle_callback_error("after_unpickle", exc)
 
     def after_unpickle(self) -> None:
-        """Called in the process that unpickled this callback (e.g. a per-node download task),
-        before Ray reads ``self.ctx`` there. Override for node-local decisions."""
+        """Runs once in a process that unpickled this callback (e.g. a per-node download
+        task), when ``ctx`` is first read there, which Ray does before using it. Override for
+        node-local decisions. Errors follow ``raise_error_on_callback``."""
 
     # --- telemetry ----------------------------------------------------------------------------
 
@@ -136,6 +162,11 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         if local is None:
             local = self._make_local()
         return local.observer
+
+    @property
+    def process_cache(self) -> dict[Any, Any]:
+        """A dict private to this process and instance (dropped on pickling)."""
+        return (self._local or self._make_local()).cache
 
     def _make_local(self) -> _Local:
         tel = get_telemetry(self.telemetry_settings)
@@ -221,6 +252,18 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         observer.finish(method_name, started, error,
                         record_message=self.telemetry_settings.record_exception_messages)
         self._after_dispatch(method_name, error)
+        if method_name == STARTUP_LAST_HOOK and self._local is not None:
+            follow_up = self._local.cache.pop(_AFTER_NODE_INIT, None)
+            if follow_up is not None:
+                await follow_up()
+
+    def call_after_node_init(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Await ``fn`` in this process right after the ``on_after_node_init`` dispatch.
+
+        Ray's engine start has no await point of ours between node init and building the
+        engine; ObservedLLMServer begins the engine-start phase here. Kept per process
+        (never pickled); an error ``fn`` raises leaves Ray's engine start like a hook's."""
+        self.process_cache[_AFTER_NODE_INIT] = fn
 
     def run_callback_sync(self, method_name: str) -> None:
         """Ray's sync dispatch, with a span and metrics, and async hooks run correctly even

@@ -49,6 +49,10 @@ class MetricSpec:
     description: str
     labels: tuple[str, ...]
     buckets: tuple[float, ...] | None = None
+    otel_name: str | None = None
+    """Name on the OTLP backend when it differs (OTel semconv names have dots)."""
+    otel_labels: tuple[str, ...] | None = None
+    """Attribute keys on the OTLP backend, in ``labels`` order, when they differ."""
 
     def exposed_name(self, *, ray: bool) -> str:
         """The family name a Prometheus scrape shows (histograms add _bucket/_sum/_count)."""
@@ -190,3 +194,49 @@ R_RAY_ACTOR = "ray.actor_id"
 R_SERVE_APP = "ray.serve.app"
 R_SERVE_DEPLOYMENT = "ray.serve.deployment"
 R_SERVE_REPLICA = "ray.serve.replica_id"
+
+# --- built-in callbacks (builtin/: Timing, DownloadPolicy, CustomPlacementGroup) ---------------
+# Label values and span attributes of the built-ins. Metrics are declared above.
+
+# Timing phases (values of the ``phase`` label and of ``A_PHASE``).
+PHASE_BEFORE_NODE_INIT = "before_node_init"
+"""Callback creation -> ``on_before_node_init`` (replica actor start, engine config, PG)."""
+PHASE_NODE_INIT = "node_init"
+"""``on_before_node_init`` -> ``on_after_node_init`` (Ray's initialize_node, all nodes)."""
+PHASE_DOWNLOAD_TASK_START = "download_task_start"
+"""``on_before_node_init`` -> the download hook starting on one node (task scheduling, worker
+start, imports, unpickling); labelled with that node."""
+PHASE_ENGINE_START = "engine_start"
+"""``on_before_engine_start`` -> ``on_after_engine_start``, when a server wrapper calls them."""
+TIMING_PHASES = (
+    PHASE_BEFORE_NODE_INIT, PHASE_NODE_INIT, PHASE_DOWNLOAD_TASK_START, PHASE_ENGINE_START,
+)
+
+# DownloadPolicy rules (values of the ``rule`` label and of ``A_RULE``).
+RULE_ENV = "env"
+"""An environment variable on the node (or replica) set the policy."""
+RULE_LOCAL_CACHE = "local_cache"
+"""The node's local model cache holds a complete copy: the weights download is skipped."""
+RULE_FIXED = "fixed"
+"""The ``worker_node`` kwarg set the policy."""
+RULE_RAY_DEFAULT = "ray_default"
+"""Nothing applied: Ray's own choice was kept."""
+RULE_EXTERNAL = "external"
+"""Something after DownloadPolicy changed the value Ray used (e.g. a later composite child)."""
+DOWNLOAD_RULES = (RULE_ENV, RULE_LOCAL_CACHE, RULE_FIXED, RULE_RAY_DEFAULT, RULE_EXTERNAL)
+
+A_DOWNLOAD_REASON = "llm_callback.download.reason"
+"""Why the rule chose the policy, in words (e.g. the cache snapshot checked)."""
+A_DOWNLOAD_REPLICA_POLICY = "llm_callback.download.replica_policy"
+"""Policy chosen in the replica before the pickle (nodes may refine it)."""
+A_DOWNLOAD_CACHE_PATH = "llm_callback.download.cache_path"
+"""Snapshot directory of the local model cache that was checked."""
+
+A_PG_NAME = "ray.placement_group.name"
+"""Name of the placement group, when it has one."""
+A_PG_CREATED = "llm_callback.placement_group.created"
+"""True when CustomPlacementGroup created the group (and so will remove it)."""
+A_PG_REPLACED = "llm_callback.placement_group.replaced_id"
+"""Id of the group that was on the ctx before (the replica's own; never removed)."""
+A_PG_WAIT = "llm_callback.placement_group.wait_s"
+"""Seconds waited for the group to be ready."""

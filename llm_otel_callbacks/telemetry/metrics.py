@@ -206,27 +206,30 @@ def _serve(registry: Any, port: int, host: str) -> int:
 
 class _OtelRecorder:
     def __init__(self, spec: MetricSpec, meter: Any) -> None:
-        self._keys = spec.labels
+        self._keys = spec.otel_labels or spec.labels
         self._attrs: dict[Labels, dict[str, str]] = {}
         self._kind = spec.kind
+        name = spec.otel_name or spec.name
         if spec.kind == "counter":
-            self._inst = meter.create_counter(spec.name, unit=spec.unit, description=spec.description)
+            self._inst = meter.create_counter(name, unit=spec.unit, description=spec.description)
         elif spec.kind == "histogram":
             self._inst = meter.create_histogram(
-                spec.name,
+                name,
                 unit=spec.unit,
                 description=spec.description,
                 explicit_bucket_boundaries_advisory=list(spec.buckets or ()),
             )
         else:
             self._inst = meter.create_up_down_counter(
-                spec.name, unit=spec.unit, description=spec.description
+                name, unit=spec.unit, description=spec.description
             )
 
     def _attributes(self, labels: Labels) -> dict[str, str]:
         attrs = self._attrs.get(labels)
         if attrs is None:
-            attrs = self._attrs[labels] = dict(zip(self._keys, labels, strict=True))
+            # An empty label value means "not set" (e.g. error.type on success): OTel omits it.
+            attrs = {k: v for k, v in zip(self._keys, labels, strict=True) if v != ""}
+            self._attrs[labels] = attrs
         return attrs
 
     def add(self, labels: Labels, value: float = 1.0) -> None:

@@ -9,6 +9,7 @@ slot from a component that starts after us.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import socket
@@ -220,43 +221,60 @@ def before_shutdown(fn: Any) -> Any:
     return fn
 
 
-# --- process-wide singleton ----------------------------------------------------------------
+# --- process-wide registry ------------------------------------------------------------------
 
-_STATE: Telemetry | None = None
+# One Telemetry per process and configuration: Ray reuses task workers across deployments,
+# so a worker may serve download hooks of callbacks that export to different places.
+_STATES: dict[str, Telemetry] = {}
 _STATE_LOCK = threading.Lock()
 _STATE_PID: int | None = None
 
 
+def _key(settings: TelemetrySettings) -> str:
+    data = settings.model_dump()
+    data["headers"] = {k: v.get_secret_value() for k, v in settings.headers.items()}
+    return json.dumps(data, sort_keys=True, default=str)
+
+
 def get_telemetry(settings: TelemetrySettings) -> Telemetry:
-    """This process's telemetry; the first caller's settings build it."""
-    global _STATE, _STATE_PID
-    state = _STATE
-    if state is not None and _STATE_PID == os.getpid():
-        return state
+    """This process's telemetry for ``settings``, built on first use."""
+    global _STATE_PID
+    key = _key(settings)
+    if _STATE_PID == os.getpid():
+        state = _STATES.get(key)
+        if state is not None:
+            return state
     with _STATE_LOCK:
-        if _STATE is None or _STATE_PID != os.getpid():
+        if _STATE_PID != os.getpid():  # a forked child must not reuse its parent's threads
+            _STATES.clear()
+            _STATE_PID = os.getpid()
+        state = _STATES.get(key)
+        if state is None:
             try:
-                _STATE = Telemetry(settings)
+                state = Telemetry(settings)
             except Exception as exc:
                 # Telemetry must never stop a replica from starting.
                 logger.warning("llm_otel_callbacks: telemetry disabled: %s", exc)
-                _STATE = Telemetry(settings.model_copy(update={"enabled": False}))
-            _STATE_PID = os.getpid()
-        elif _STATE.settings != settings:
-            logger.debug("llm_otel_callbacks: telemetry already set up in this process")
-        return _STATE
+                state = Telemetry(settings.model_copy(update={"enabled": False}))
+            _STATES[key] = state
+        return state
 
 
 def current_telemetry() -> Telemetry | None:
-    return _STATE if _STATE_PID == os.getpid() else None
+    """The telemetry built first in this process, if any."""
+    if _STATE_PID != os.getpid():
+        return None
+    return next(iter(_STATES.values()), None)
 
 
 def reset_telemetry() -> None:
     """Shut this process's telemetry down so the next hook builds it anew (tests, reconfig)."""
-    global _STATE, _STATE_PID
+    global _STATE_PID
     with _STATE_LOCK:
-        state, _STATE, _STATE_PID = _STATE, None, None
-    if state is not None:
+        states = list(_STATES.values()) if _STATE_PID == os.getpid() else []
+        _STATES.clear()
+        _STATE_PID = None
+    for state in states:
         state.shutdown()
 
 

@@ -186,7 +186,9 @@ class OtlpHttpReceiver:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: wait_for_spans runs the caller's predicate under the lock,
+        # and a predicate may call .spans() itself.
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._spans: list[ReceivedSpan] = []
         self._metrics: list[ReceivedMetric] = []

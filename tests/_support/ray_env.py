@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def _refresh_ray_auth_cache() -> None:
     Config first, then the token cache: the order Ray's own test utils use so a
     still-draining gRPC thread does not reload a token while in token mode.
     """
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
@@ -168,61 +168,85 @@ class NodeInfo:
         return metrics_url(self.metrics_port)
 
 
+_RunT = TypeVar("_RunT", bound="_RayRun")
+
+
 @dataclass
 class _RayRun:
-    """Shared teardown for a running Ray (local or cluster)."""
+    """What local and cluster runs share: files, env, and an idempotent shutdown."""
 
     sandbox: _Sandbox
-    runtime_env: dict[str, Any]
+    runtime_env: dict[str, Any]  # the job runtime_env given to ray.init
     _env: _EnvPatch | None = field(default=None, repr=False)
 
     @property
     def temp_dir(self) -> Path:
-        """Ray's temp dir (session_latest/logs lives under it)."""
+        """Ray's temp dir (``session_latest/logs`` lives under it)."""
         return self.sandbox.ray_temp
 
     @property
     def logs_dir(self) -> Path:
         return self.sandbox.ray_temp / "session_latest" / "logs"
 
-    def _teardown(self, stop: Callable[[], None]) -> None:
+    @property
+    def running(self) -> bool:
+        return self._env is not None
+
+    def _stop_nodes(self) -> None:
+        """Stop processes ``ray.shutdown()`` does not (cluster raylets)."""
+
+    def shutdown(self) -> None:
+        """Disconnect, stop Ray, restore the env. Safe to call twice."""
+        global _active
         if self._env is None:
-            return  # already shut down
+            return
         import ray
 
+        if _active is self:
+            _active = None
         try:
             # Driver first: Cluster.remove_node refuses to kill the node the
             # driver is connected to.
             ray.shutdown()
-            stop()
+            self._stop_nodes()
         finally:
             self._env.restore()
             self._env = None
             _refresh_ray_auth_cache()
-            if self.sandbox.owned_short_dir is not None:
-                shutil.rmtree(self.sandbox.owned_short_dir, ignore_errors=True)
+            self._drop_short_dir()
+
+    def _drop_short_dir(self) -> None:
+        """Copy the logs of a /tmp short dir into tmp_path (pytest keeps that for
+        debugging), then delete the short dir and its link."""
+        short = self.sandbox.owned_short_dir
+        if short is None:
+            return
+        logs = short / "ray" / "session_latest" / "logs"
+        link = self.sandbox.root / "ray-temp"
+        if link.is_symlink():
+            link.unlink()
+        with contextlib.suppress(OSError):
+            shutil.copytree(logs, self.sandbox.root / "ray-logs", symlinks=True, dirs_exist_ok=True)
+        shutil.rmtree(short, ignore_errors=True)
+
+    def __enter__(self: _RunT) -> _RunT:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
 
 @dataclass
 class LocalRay(_RayRun):
     """A single-node Ray started by ``start_local_ray``; the driver is connected."""
 
-    address: str = ""
+    address: str = ""  # GCS address
     node_id: str = ""
     metrics_port: int = 0
 
     @property
     def metrics_url(self) -> str:
         return metrics_url(self.metrics_port)
-
-    def shutdown(self) -> None:
-        self._teardown(lambda: None)
-
-    def __enter__(self) -> LocalRay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
 
 @dataclass
@@ -240,14 +264,25 @@ class LocalCluster(_RayRun):
     def metrics_urls(self) -> list[str]:
         return [n.metrics_url for n in self.nodes]
 
-    def shutdown(self) -> None:
-        self._teardown(self.cluster.shutdown)
+    def _stop_nodes(self) -> None:
+        if self.cluster is not None:
+            self.cluster.shutdown()
 
-    def __enter__(self) -> LocalCluster:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+# The run this process started last and has not shut down: a driver is connected
+# to one Ray at a time, so starting another must end this one first.
+_active: _RayRun | None = None
+
+
+def _set_active(run: _RayRun) -> None:
+    global _active
+    _active = run
+
+
+def shutdown_active() -> None:
+    """Shut down the run these helpers started, if one is still up."""
+    if _active is not None:
+        _active.shutdown()
 
 
 def start_local_ray(
@@ -278,6 +313,7 @@ def start_local_ray(
     port = metrics_port or free_port()
     patch = _EnvPatch(sandbox.env)
     run = LocalRay(sandbox=sandbox, runtime_env=_runtime_env(sandbox.env, runtime_env), _env=patch)
+    _set_active(run)
     try:
         _refresh_ray_auth_cache()
         ctx = ray.init(
@@ -289,7 +325,7 @@ def start_local_ray(
             runtime_env=run.runtime_env,
             **init_kwargs,
         )
-        run.address = str(ctx.address_info["gcs_address"])
+        run.address = str(ctx.address_info["gcs_address"])  # type: ignore[attr-defined]
         run.node_id = ray.get_runtime_context().get_node_id()
         run.metrics_port = port
     except BaseException:
@@ -327,6 +363,7 @@ def start_cluster(
     run = LocalCluster(
         sandbox=sandbox, runtime_env=_runtime_env(sandbox.env, runtime_env), _env=patch
     )
+    _set_active(run)
     ports = free_ports(len(nodes))
     cluster: Any = None
     try:
@@ -355,10 +392,7 @@ def start_cluster(
             NodeInfo(node_id=n.node_id, metrics_port=int(n.metrics_export_port)) for n in added
         ]
     except BaseException:
-        if cluster is not None:
-            run.shutdown()
-        else:
-            run._teardown(lambda: None)
+        run.shutdown()
         raise
     return run
 

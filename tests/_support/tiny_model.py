@@ -101,7 +101,7 @@ def _build_tokenizer(out: Path) -> int:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
@@ -143,7 +143,7 @@ def _build_model(out: Path, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
     # fork_rng keeps the caller's global torch RNG untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
 

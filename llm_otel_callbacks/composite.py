@@ -1,0 +1,347 @@
+"""Composite: several callbacks in one replica process, behind the one class Ray allows.
+
+Children run in list order on the one ``CallbackCtx`` Ray reads, each under its own span
+(nested in the composite's span for the hook) with its own metric series, its own raise
+policy and timeout. Every change a child makes to the ctx is a span event, so "who changed
+the placement group" is answered by the trace.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any
+
+from opentelemetry import trace
+
+from . import catalog
+from ._callers import call_async, call_sync
+from ._observe import HookObserver
+from ._ray import CallbackBase
+from ._validation import CallbackConfigError
+from .adapters import CTX_FIELDS, Child, FunctionChild, Hook, SeedChild, is_seed_protocol
+from .base import HookTarget, RayServeLLMCallback
+from .config import ChildSpec, CompositeOptions, parse_child_specs
+
+logger = logging.getLogger(__name__)
+
+_SECRET_HINTS = ("key", "token", "secret", "password", "passwd", "auth", "credential")
+
+
+class ChildHookError(RuntimeError):
+    """A child whose policy is to raise failed; the hook stops here."""
+
+    def __init__(self, child: str, hook: str, error: BaseException) -> None:
+        super().__init__(
+            f"callback '{child}' failed in hook '{hook}': {type(error).__name__}: {error}"
+        )
+        self.child = child
+        self.hook = hook
+
+
+class Composite(RayServeLLMCallback):
+    """Runs the callbacks listed in ``callback_kwargs["callbacks"]`` (see :mod:`.config`)."""
+
+    kwargs_model = CompositeOptions
+
+    def __init__(
+        self,
+        llm_config: Any = None,
+        raise_error_on_callback: bool = True,
+        ctx_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            llm_config=llm_config,
+            raise_error_on_callback=raise_error_on_callback,
+            ctx_kwargs=ctx_kwargs,
+            **kwargs,
+        )
+        self.children: list[Child] = [
+            self._build_child(index, spec, target)
+            for index, (spec, target) in enumerate(parse_child_specs(self.options.callbacks))
+        ]
+        self.vetoed_by: str | None = None
+
+    # --- construction -------------------------------------------------------------------------
+
+    def _build_child(self, index: int, spec: ChildSpec, target: Any) -> Child:
+        name = str(spec.name)
+        label = f"callbacks[{index}] ({name})"
+        policy = (
+            self.raise_error_on_callback
+            if spec.raise_error_on_callback is None
+            else spec.raise_error_on_callback
+        )
+        kwargs = dict(spec.callback_kwargs)
+        self.ctx.custom_data.setdefault(name, {})  # the child's namespaced slot
+        try:
+            if inspect.isclass(target) and issubclass(target, CallbackBase):
+                if issubclass(target, RayServeLLMCallback):
+                    kwargs["callback_name"] = name
+                    if "telemetry" in kwargs:
+                        raise CallbackConfigError(
+                            "field 'callback_kwargs.telemetry': telemetry is set once per "
+                            "process, on the composite's own callback_kwargs"
+                        )
+                instance = target(
+                    llm_config=self.llm_config,
+                    raise_error_on_callback=policy,
+                    ctx_kwargs=None,
+                    **kwargs,
+                )
+                instance.ctx = self.ctx  # one ctx for all: what a child sets, Ray reads
+                if isinstance(instance, RayServeLLMCallback):
+                    instance.startup_owner = self
+                return Child(name, instance, policy, spec.timeout_s)
+            if is_seed_protocol(target):
+                return SeedChild(name, target(**kwargs), policy, spec.timeout_s, self.llm_config)
+            if inspect.isclass(target):
+                raise CallbackConfigError(
+                    f"field 'callback_class': {target.__qualname__} is neither a subclass of "
+                    "Ray's CallbackBase nor a seed-protocol class (on_before_init / "
+                    "on_before_download / on_after_init)"
+                )
+            fn = functools.partial(target, **kwargs) if kwargs else target
+            _check_phase_signature(target, kwargs)
+            return FunctionChild(name, fn, policy, spec.timeout_s, self.llm_config)
+        except CallbackConfigError as exc:
+            raise CallbackConfigError(_prefix(label, str(exc))) from None
+        except Exception as exc:
+            raise CallbackConfigError(
+                f"{label}: constructing {getattr(target, '__qualname__', target)} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def hook_targets(self) -> list[HookTarget]:
+        return [
+            HookTarget(c.name, c.instance, c.raise_error, c.timeout_s) for c in self.children
+        ]
+
+    def after_unpickle(self) -> None:
+        # Children of ours deferred their own after_unpickle to their first ctx read.
+        for child in self.children:
+            if isinstance(child.instance, RayServeLLMCallback):
+                _ = child.instance.ctx
+
+    def startup_ended(self, error: BaseException | str | None) -> None:
+        for child in self.children:
+            if isinstance(child.instance, RayServeLLMCallback):
+                child.instance._notify_startup_ended(error)
+
+    # --- dispatch -----------------------------------------------------------------------------
+
+    def _get_method(self, method_name: str) -> tuple[Any, bool]:
+        # Any hook Ray (or ObservedLLMServer) dispatches goes to the children, including
+        # hooks added after this was written.
+        impl = getattr(type(self), method_name, None)
+        if method_name.startswith("on_") and (
+            impl is None
+            or impl is getattr(CallbackBase, method_name, None)
+            or impl is getattr(RayServeLLMCallback, method_name, None)
+        ):
+            return None, True
+        return super()._get_method(method_name)  # type: ignore[no-any-return]
+
+    def _plan(self, hook: str) -> list[tuple[Child, Hook, HookObserver]]:
+        """Children implementing ``hook``, with their observers (memoized per process)."""
+        cache = self.process_cache
+        plan = cache.get(("plan", hook))
+        if plan is None:
+            tel = self._observer.tel
+            plan = []
+            for child in self.children:
+                fn = child.method(hook, self.ctx)
+                if fn is not None:
+                    observer = cache.get(("observer", child.name))
+                    if observer is None:
+                        observer = HookObserver(tel, child.name, child.class_name, self.model_id)
+                        cache[("observer", child.name)] = observer
+                    plan.append((child, fn, observer))
+            cache[("plan", hook)] = plan
+        return plan  # type: ignore[no-any-return]
+
+    async def _invoke_async(self, hook: str, method: Any) -> None:
+        if method is not None:  # a subclass's own hook runs first
+            await call_async(method, hook, None)
+        parent = trace.get_current_span()  # the composite's span for this hook
+        for child, fn, observer in self._plan(hook):
+            before = _snapshot(self.ctx)
+            started = observer.start(hook, None, self._child_span_name(hook, child))
+            error: BaseException | None = None
+            try:
+                await call_async(fn, hook, child.timeout_s)
+            except Exception as exc:
+                error = exc
+            self._after_child(hook, child, before, parent, observer, started, error)
+
+    def _invoke_sync(self, hook: str, method: Any) -> None:
+        if method is not None:
+            call_sync(method, hook, None)
+        parent = trace.get_current_span()  # the composite's span for this hook
+        for child, fn, observer in self._plan(hook):
+            before = _snapshot(self.ctx)
+            started = observer.start(hook, None, self._child_span_name(hook, child))
+            error: BaseException | None = None
+            try:
+                call_sync(fn, hook, child.timeout_s)
+            except Exception as exc:
+                error = exc
+            self._after_child(hook, child, before, parent, observer, started, error)
+
+    @staticmethod
+    def _child_span_name(hook: str, child: Child) -> str:
+        return f"{catalog.SPAN_HOOK_PREFIX}{hook} {child.name}"
+
+    def _after_child(
+        self,
+        hook: str,
+        child: Child,
+        before: dict[str, Any],
+        parent: trace.Span,
+        observer: HookObserver,
+        started: Any,
+        error: BaseException | None,
+    ) -> None:
+        self._record_changes(child, before, started[0], parent)
+        observer.finish(
+            hook, started, error,
+            record_message=self.telemetry_settings.record_exception_messages,
+        )
+        if error is None:
+            return
+        if child.raise_error:
+            raise ChildHookError(child.name, hook, error) from error
+        logger.error(
+            "callback '%s' failed in hook '%s' (raise_error_on_callback=False, continuing): "
+            "%s: %s", child.name, hook, type(error).__name__, error,
+        )
+
+    def _record_changes(
+        self, child: Child, before: dict[str, Any], span: trace.Span, parent: trace.Span
+    ) -> None:
+        after = _snapshot(self.ctx)
+        if after == before:
+            return
+        changes = self._observer.tel.recorder(catalog.CTX_CHANGES)
+        for field in sorted(set(before) | set(after)):
+            old, new = before.get(field), after.get(field)
+            if old == new:
+                continue
+            old_value = _value_of(self.ctx, field, old, current=False)
+            new_value = _value_of(self.ctx, field, new, current=True)
+            attrs = {
+                catalog.A_CALLBACK: child.name,
+                catalog.A_FIELD: field,
+                catalog.A_OLD: _summary(field, old_value),
+                catalog.A_NEW: _summary(field, new_value),
+            }
+            span.add_event(catalog.EVENT_CTX_CHANGE, attrs)
+            parent.add_event(catalog.EVENT_CTX_CHANGE, attrs)
+            changes.add((self.model_id, child.name, field.split("[", 1)[0]))
+            if field == "run_init_node" and new_value is False and self.vetoed_by is None:
+                self.vetoed_by = child.name
+                parent.add_event(catalog.EVENT_VETO, {catalog.A_CALLBACK: child.name})
+                logger.info("callback '%s' turned Ray's node initialization off", child.name)
+
+    def _after_dispatch(self, hook: str, error: BaseException | None) -> None:
+        if isinstance(error, ChildHookError):
+            # The child asked to raise: Ray sees the error whatever the composite's default.
+            self.end_startup(error)
+            raise Exception(
+                f"Error running callback method '{hook}' on {type(self).__name__}: {error}"
+            ) from error
+        super()._after_dispatch(hook, error)
+
+
+# --- ctx snapshots and summaries --------------------------------------------------------------
+
+
+def _snapshot(ctx: Any) -> dict[str, Any]:
+    """Comparable fingerprints of every ctx field and custom_data key (repr catches in-place
+    edits of dicts; fingerprints are compared, never emitted)."""
+    snap: dict[str, Any] = {}
+    for field in CTX_FIELDS:
+        value = getattr(ctx, field)
+        snap[field] = (id(value), _fingerprint(value))
+    for key, value in ctx.custom_data.items():
+        snap[f"custom_data[{key}]"] = (id(value), _fingerprint(value))
+    return snap
+
+
+def _fingerprint(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+_MISSING = object()
+
+
+def _value_of(ctx: Any, field: str, snap: Any, *, current: bool) -> Any:
+    if snap is None:
+        return _MISSING
+    if current:
+        if field.startswith("custom_data["):
+            return ctx.custom_data.get(field[len("custom_data["):-1], _MISSING)
+        return getattr(ctx, field)
+    # The old object may have been edited in place; only its fingerprint is trustworthy.
+    return _Fingerprint(snap[1])
+
+
+class _Fingerprint:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _summary(field: str, value: Any) -> str:
+    """A short, secret-safe description of a ctx value for a span event."""
+    if value is _MISSING:
+        return "<absent>"
+    if isinstance(value, _Fingerprint):
+        text = value.text
+        if text == "None":
+            return text
+        if any(h in field.lower() for h in _SECRET_HINTS) or field == "runtime_env":
+            return f"<{len(text)} chars>"
+        return text if len(text) <= 64 else text[:61] + "..."
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    name = getattr(value, "name", None)
+    if hasattr(value, "bundle_specs") and hasattr(value, "id"):
+        return f"PlacementGroup(id={value.id.hex()[:16]}, bundles={len(value.bundle_specs)})"
+    if isinstance(name, str) and type(value).__module__ != "builtins" and hasattr(value, "value"):
+        return name  # an enum member
+    if isinstance(value, dict):
+        keys = ", ".join(sorted(str(k) for k in value)[:8])
+        text = f"dict({len(value)} keys: {keys})"
+        env_vars = value.get("env_vars") if field == "runtime_env" else None
+        if isinstance(env_vars, dict):
+            text += f" env_vars=[{', '.join(sorted(env_vars)[:8])}]"  # names, never values
+        return text
+    if isinstance(value, str):
+        if len(value) <= 32 and not any(h in field.lower() for h in _SECRET_HINTS):
+            return repr(value)
+        return f"str(len={len(value)})"
+    return f"<{type(value).__name__}>"
+
+
+def _check_phase_signature(fn: Any, kwargs: dict[str, Any]) -> None:
+    try:
+        inspect.signature(fn).bind("phase", None, {}, **kwargs)
+    except TypeError as exc:
+        raise CallbackConfigError(
+            f"field 'callback_class': function {getattr(fn, '__qualname__', fn)} must accept "
+            f"(phase, llm_config, data) plus callback_kwargs {sorted(kwargs)}: {exc}"
+        ) from None
+    except ValueError:
+        pass  # builtins without a signature: trust them
+
+
+def _prefix(label: str, message: str) -> str:
+    return message if message.startswith(label) else f"{label}: {message}"
+
+
+CompositeCallback = Composite

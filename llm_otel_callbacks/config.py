@@ -1,0 +1,202 @@
+"""The Composite's configuration: child specs, import resolution, offline validation.
+
+The shape is the public contract (it is what people write in a Ray Serve YAML file)::
+
+    callback_kwargs:
+      callbacks:
+        - llm_otel_callbacks.builtin.Timing          # a dotted path (or a class / function)
+        - callback_class: my_company.callbacks.Audit # or a mapping
+          callback_kwargs: {url: ...}
+          raise_error_on_callback: false
+          timeout_s: 30
+          name: audit
+      telemetry: {...}
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ._validation import CallbackConfigError, describe
+
+
+class ChildSpec(BaseModel):
+    """One entry of ``callbacks``."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    callback_class: Any
+    """Dotted path (``pkg.mod.Name`` or ``pkg.mod:Name``), a class, or a function."""
+    callback_kwargs: dict[str, Any] = Field(default_factory=dict)
+    raise_error_on_callback: bool | None = None
+    """Default: the composite's own ``raise_error_on_callback``."""
+    timeout_s: float | None = Field(default=None, gt=0)
+    name: str | None = Field(default=None, min_length=1)
+    """Default: the class (or function) name. Must be unique in the composite."""
+
+    @field_validator("callback_class")
+    @classmethod
+    def _class_or_path(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("must be a dotted import path, a class or a function")
+            return value.strip()
+        if callable(value):
+            return value
+        raise ValueError(
+            f"must be a dotted import path, a class or a function, got {type(value).__name__}"
+        )
+
+
+class CompositeOptions(BaseModel):
+    """``callback_kwargs`` of :class:`~llm_otel_callbacks.Composite` (``telemetry`` aside)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    callbacks: list[Any] = Field(default_factory=list)
+
+
+def import_object(path: str) -> Any:
+    """Import ``pkg.mod.Name`` or ``pkg.mod:Name``; errors say what was missing."""
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+    else:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ImportError(f"'{path}' is not a dotted path like 'package.module.Name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import module '{module_name}': {exc}") from None
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ImportError(f"module '{module_name}' has no attribute '{attr}'") from None
+    return obj
+
+
+def parse_child_specs(entries: list[Any]) -> list[tuple[ChildSpec, Any]]:
+    """Validate every entry, resolve every import; returns (spec, resolved object) pairs.
+
+    Every problem names the entry by index (and name when known) and the field.
+    """
+    if not isinstance(entries, list):
+        raise CallbackConfigError("Composite callback_kwargs: field 'callbacks': must be a list")
+    out: list[tuple[ChildSpec, Any]] = []
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        label = _entry_label(index, entry)
+        raw = entry if isinstance(entry, Mapping) else {"callback_class": entry}
+        try:
+            spec = ChildSpec.model_validate(dict(raw))
+        except ValidationError as exc:
+            errors.append(describe(exc, label))
+            continue
+        target = spec.callback_class
+        if isinstance(target, str):
+            try:
+                target = import_object(target)
+            except ImportError as exc:
+                errors.append(f"{label}: field 'callback_class': {exc}")
+                continue
+            if not callable(target):
+                errors.append(
+                    f"{label}: field 'callback_class': '{spec.callback_class}' is a "
+                    f"{type(target).__name__}, not a class or a function"
+                )
+                continue
+        name = spec.name or getattr(target, "__name__", type(target).__name__)
+        if name in seen:
+            errors.append(
+                f"{label}: field 'name': '{name}' is already used by callbacks[{seen[name]}]; "
+                "give one of them a distinct 'name'"
+            )
+            continue
+        seen[name] = index
+        out.append((spec.model_copy(update={"name": name}), target))
+    if errors:
+        raise CallbackConfigError("\n".join(errors))
+    return out
+
+
+def _entry_label(index: int, entry: Any) -> str:
+    name: Any = None
+    if isinstance(entry, Mapping):
+        name = entry.get("name") or entry.get("callback_class")
+    else:
+        name = entry
+    if name is not None and not isinstance(name, str):
+        name = getattr(name, "__name__", None)
+    return f"callbacks[{index}]" + (f" ({name})" if name else "")
+
+
+# --- offline validation --------------------------------------------------------------------
+
+
+def validate_callback_config(config: Mapping[str, Any] | Any, llm_config: Any = None) -> Any:
+    """Check a ``callback_config`` without Ray running: resolve every import, validate every
+    kwarg (by constructing the callback, as Ray would), and pickle round-trip it, as Ray does
+    into the per-node download tasks. Returns the constructed callback.
+
+    Raises :class:`CallbackConfigError` with pointed messages on any failure.
+    """
+    if hasattr(config, "callback_class") and not isinstance(config, Mapping):
+        config = {
+            "callback_class": config.callback_class,
+            "callback_kwargs": config.callback_kwargs,
+            "raise_error_on_callback": config.raise_error_on_callback,
+        }
+    if not isinstance(config, Mapping):
+        raise CallbackConfigError(
+            f"callback_config: expected a mapping, got {type(config).__name__}"
+        )
+    unknown = set(config) - {"callback_class", "callback_kwargs", "raise_error_on_callback"}
+    if unknown:
+        raise CallbackConfigError(
+            f"callback_config: unknown field(s) {sorted(unknown)}; allowed: callback_class, "
+            "callback_kwargs, raise_error_on_callback"
+        )
+    cls = config.get("callback_class")
+    if cls is None:
+        raise CallbackConfigError("callback_config: field 'callback_class' is required")
+    if isinstance(cls, str):
+        try:
+            cls = import_object(cls)
+        except ImportError as exc:
+            raise CallbackConfigError(f"callback_config: field 'callback_class': {exc}") from None
+    kwargs = config.get("callback_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise CallbackConfigError("callback_config: field 'callback_kwargs': must be a mapping")
+    try:
+        callback = cls(
+            llm_config=llm_config,
+            raise_error_on_callback=bool(config.get("raise_error_on_callback", True)),
+            ctx_kwargs={},
+            **dict(kwargs),
+        )
+    except CallbackConfigError:
+        raise
+    except Exception as exc:
+        raise CallbackConfigError(
+            f"callback_config: constructing {getattr(cls, '__qualname__', cls)} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    from ray import cloudpickle  # what Ray itself serializes task arguments with
+
+    try:
+        cloudpickle.loads(cloudpickle.dumps(callback))
+    except Exception as exc:
+        raise CallbackConfigError(
+            f"callback_config: {type(callback).__qualname__} does not survive pickling, which "
+            f"Ray does to send it to every node's download task: {type(exc).__name__}: {exc}. "
+            "Create unpicklable handles (locks, clients, sockets) lazily, or drop them in "
+            "__getstate__."
+        ) from exc
+    return callback
