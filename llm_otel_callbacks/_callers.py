@@ -85,6 +85,35 @@ def call_sync(fn: Callable[..., Any], hook: str, timeout_s: float | None, *args:
     return result
 
 
+def _on_daemon_thread(fn: Callable[..., Any], hook: str, *args: Any) -> asyncio.Future[Any]:
+    """Run a sync hook on its own daemon thread. Not the loop's executor: a hook that
+    overran its timeout would hold an executor thread and make loop shutdown wait for it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def target() -> None:
+        try:
+            value, error = ctx.run(fn, *args), None
+        except BaseException as exc:
+            value, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:
+            pass  # the loop is gone: nobody waits for this hook any more
+
+    threading.Thread(target=target, name=f"llm-callback-{hook}", daemon=True).start()
+    return future
+
+
 async def _await(awaitable: Any) -> Any:
     return await awaitable
 
@@ -97,7 +126,7 @@ async def call_async(fn: Callable[..., Any], hook: str, timeout_s: float | None,
         # Ray calls sync hooks inline on the loop; keep that (no thread hop) when unbounded.
         result = fn(*args)
     else:
-        result = await _bounded(asyncio.to_thread(fn, *args), hook, timeout_s)
+        result = await _bounded(_on_daemon_thread(fn, hook, *args), hook, timeout_s)
     if inspect.isawaitable(result):
         return await _bounded(result, hook, timeout_s)
     return result

@@ -25,6 +25,7 @@ __all__ = [
     "CallbackBase",
     "CallbackConfig",
     "CallbackCtx",
+    "cloud_file_system",
     "llm_server_class",
     "node_model_downloadable",
 ]
@@ -35,6 +36,13 @@ def node_model_downloadable() -> Any:
     from ray.llm._internal.common.utils.download_utils import NodeModelDownloadable
 
     return NodeModelDownloadable
+
+
+def cloud_file_system() -> Any:
+    """Ray's ``CloudFileSystem`` (S3/GCS/Azure reads used by its model downloader)."""
+    from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
+
+    return CloudFileSystem
 
 
 def llm_server_class() -> Any:

@@ -240,3 +240,165 @@ A_PG_REPLACED = "llm_callback.placement_group.replaced_id"
 """Id of the group that was on the ctx before (the replica's own; never removed)."""
 A_PG_WAIT = "llm_callback.placement_group.wait_s"
 """Seconds waited for the group to be ready."""
+
+# --- requests (serve/: ObservedLLMServer, request hooks, builtin tokens/cost/rate_limit/progress)
+# GenAI request telemetry follows the OTel GenAI semantic conventions for model servers. Metric
+# and label names with dots exist only on the OTLP backend (``otel_name`` / ``otel_labels``);
+# Prometheus-style backends get what the OTel -> Prometheus translation makes of them (dots to
+# underscores, unit suffix), so a Ray scrape and an OTLP pipeline ending in Prometheus agree:
+#
+#   gen_ai.server.request.duration (OTLP)
+#     -> ray_gen_ai_server_request_duration_seconds (Ray: in a replica, ray_ prefix)
+#     -> gen_ai_server_request_duration_seconds (prometheus_client, outside Ray)
+#   gen_ai.server.time_to_first_token -> [ray_]gen_ai_server_time_to_first_token_seconds
+#   gen_ai.server.time_per_output_token -> [ray_]gen_ai_server_time_per_output_token_seconds
+#   gen_ai.server.token.usage -> [ray_]gen_ai_server_token_usage
+#
+# (histograms add _bucket/_sum/_count). Semconv defines token usage only for clients
+# (gen_ai.client.token.usage); gen_ai.server.token.usage mirrors it (unit, buckets,
+# gen_ai.token.type) for the server side. Request ids are span attributes, never labels.
+
+L_GENAI_OPERATION = "gen_ai_operation_name"
+L_GENAI_PROVIDER = "gen_ai_provider_name"
+L_GENAI_MODEL = "gen_ai_request_model"
+L_ERROR_TYPE = "error_type"
+L_GENAI_TOKEN_TYPE = "gen_ai_token_type"
+L_TOKEN_TYPE = "token_type"
+L_REASON = "reason"
+L_CURRENCY = "currency"
+
+_GENAI_LABELS = (L_GENAI_OPERATION, L_GENAI_PROVIDER, L_GENAI_MODEL)
+_GENAI_OTEL_LABELS = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model")
+TPOT_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)
+
+GENAI_REQUEST_DURATION = MetricSpec(
+    "gen_ai_server_request_duration_seconds", "histogram", "s",
+    "GenAI server request duration (to the last output token or byte), by operation, model "
+    "and error type (empty on success).",
+    (*_GENAI_LABELS, L_ERROR_TYPE), REQUEST_BUCKETS,
+    otel_name="gen_ai.server.request.duration",
+    otel_labels=(*_GENAI_OTEL_LABELS, "error.type"),
+)
+GENAI_TIME_TO_FIRST_TOKEN = MetricSpec(
+    "gen_ai_server_time_to_first_token_seconds", "histogram", "s",
+    "Time to the first output token of successful streamed responses.",
+    _GENAI_LABELS, TOKEN_LATENCY_BUCKETS,
+    otel_name="gen_ai.server.time_to_first_token", otel_labels=_GENAI_OTEL_LABELS,
+)
+GENAI_TIME_PER_OUTPUT_TOKEN = MetricSpec(
+    "gen_ai_server_time_per_output_token_seconds", "histogram", "s",
+    "Time per output token after the first, for successful streamed responses.",
+    _GENAI_LABELS, TPOT_BUCKETS,
+    otel_name="gen_ai.server.time_per_output_token", otel_labels=_GENAI_OTEL_LABELS,
+)
+GENAI_TOKEN_USAGE = MetricSpec(
+    "gen_ai_server_token_usage", "histogram", "{token}",
+    "Input and output tokens per successful request (the response's usage), by token type.",
+    (*_GENAI_LABELS, L_GENAI_TOKEN_TYPE), TOKEN_COUNT_BUCKETS,
+    otel_name="gen_ai.server.token.usage",
+    otel_labels=(*_GENAI_OTEL_LABELS, "gen_ai.token.type"),
+)
+REQUESTS_REJECTED = MetricSpec(
+    "llm_callback_requests_rejected", "counter", "1",
+    "Requests a request hook rejected (e.g. RateLimiter: HTTP 429), by callback and reason.",
+    (L_MODEL, L_CALLBACK, L_REASON),
+)
+TOKENS = MetricSpec(
+    "llm_callback_tokens", "counter", "{token}",
+    "Tokens counted by TokenCounter, by model and token type (input, output).",
+    (L_MODEL, L_TOKEN_TYPE),
+)
+COST = MetricSpec(
+    "llm_callback_cost", "counter", "1",
+    "Cost of requests computed by CostTracker from its per-model prices, in its currency.",
+    (L_MODEL, L_CURRENCY),
+)
+COST_UNPRICED = MetricSpec(
+    "llm_callback_cost_unpriced_requests", "counter", "1",
+    "Requests CostTracker could not price (no price for the model and no default).",
+    (L_MODEL,),
+)
+STREAM_CHUNKS = MetricSpec(
+    "llm_callback_stream_chunks", "histogram", "{chunk}",
+    "Chunks per streamed response (StreamingProgress).",
+    (L_MODEL, L_OUTCOME), TOKEN_COUNT_BUCKETS,
+)
+STREAMS_ACTIVE = MetricSpec(
+    "llm_callback_streams_active", "gauge", "1",
+    "Streamed responses in progress in this replica (StreamingProgress).",
+    (L_MODEL,),
+)
+
+REQUEST_METRICS: tuple[MetricSpec, ...] = (
+    GENAI_REQUEST_DURATION, GENAI_TIME_TO_FIRST_TOKEN, GENAI_TIME_PER_OUTPUT_TOKEN,
+    GENAI_TOKEN_USAGE, REQUESTS_REJECTED, TOKENS, COST, COST_UNPRICED, STREAM_CHUNKS,
+    STREAMS_ACTIVE,
+)
+ALL_METRICS = ALL_METRICS + REQUEST_METRICS
+
+# Values of the GenAI labels/attributes.
+OPERATION_CHAT = "chat"
+OPERATION_TEXT_COMPLETION = "text_completion"
+OPERATION_EMBEDDINGS = "embeddings"
+TOKEN_TYPE_INPUT = "input"
+TOKEN_TYPE_OUTPUT = "output"
+ERROR_CANCELLED = "cancelled"
+"""error.type of a request whose client went away (the stream was closed early)."""
+
+SPAN_ENGINE_START = "ray_serve_llm.engine.start"
+"""Building the inference engine after node init (ObservedLLMServer), under the startup span."""
+# A request span is named "{gen_ai.operation.name} {gen_ai.request.model}" (semconv), kind SERVER.
+
+A_GENAI_OPERATION = "gen_ai.operation.name"
+"""``chat``, ``text_completion`` or ``embeddings``."""
+A_GENAI_PROVIDER = "gen_ai.provider.name"
+"""The engine serving the model (``vllm``)."""
+A_GENAI_RESPONSE_MODEL = "gen_ai.response.model"
+"""Model name in the response."""
+A_GENAI_RESPONSE_ID = "gen_ai.response.id"
+"""Id of the completion in the response."""
+A_GENAI_FINISH_REASONS = "gen_ai.response.finish_reasons"
+"""Finish reason of each choice."""
+A_GENAI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+"""Prompt tokens (the response's usage)."""
+A_GENAI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+"""Completion tokens (the response's usage)."""
+A_GENAI_MAX_TOKENS = "gen_ai.request.max_tokens"
+"""max_tokens (or max_completion_tokens) of the request."""
+A_GENAI_TEMPERATURE = "gen_ai.request.temperature"
+"""temperature of the request."""
+A_GENAI_TOP_P = "gen_ai.request.top_p"
+"""top_p of the request."""
+A_ERROR_TYPE = "error.type"
+"""Class of the error that ended the request (semconv)."""
+A_REQUEST_ID = "ray.serve.request_id"
+"""Serve request id (also the engine request id): in spans only, never a metric label."""
+A_STREAM = "llm_callback.request.stream"
+"""True for a streamed response."""
+A_TTFT = "llm_callback.request.time_to_first_token_s"
+"""Seconds to the first streamed chunk."""
+A_CHUNKS = "llm_callback.request.chunks"
+"""Chunks streamed to the client."""
+A_REJECTED_BY = "llm_callback.request.rejected_by"
+"""Callback that rejected the request (e.g. a RateLimiter)."""
+A_REJECT_REASON = "llm_callback.request.reject_reason"
+"""Why it was rejected (RateLimiter: ``requests`` or ``tokens``)."""
+A_RETRY_AFTER = "llm_callback.request.retry_after_s"
+"""Seconds the client was told to wait (Retry-After)."""
+A_COST = "llm_callback.cost"
+"""Cost of the request (CostTracker), in ``llm_callback.cost.currency``."""
+A_CURRENCY = "llm_callback.cost.currency"
+"""Currency of ``llm_callback.cost``."""
+A_PROGRESS_CHUNKS = "llm_callback.stream.chunks"
+"""Chunks so far (StreamingProgress events)."""
+A_PROGRESS_TOKENS = "llm_callback.stream.completion_tokens"
+"""Completion tokens so far (StreamingProgress events)."""
+A_PROGRESS_ELAPSED = "llm_callback.stream.elapsed_s"
+"""Seconds since the request started (StreamingProgress events)."""
+
+EVENT_HOOK_ERROR = "llm_callback.hook_error"
+"""A request hook failed under the log policy; the request went on."""
+EVENT_STREAM_PROGRESS = "llm_callback.stream_progress"
+"""StreamingProgress: progress of one streamed response."""

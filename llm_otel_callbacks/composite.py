@@ -198,7 +198,7 @@ class Composite(RayServeLLMCallback):
         self,
         hook: str,
         child: Child,
-        before: dict[str, Any],
+        before: dict[str, tuple[int, str, Any]],
         parent: trace.Span,
         observer: HookObserver,
         started: Any,
@@ -219,18 +219,16 @@ class Composite(RayServeLLMCallback):
         )
 
     def _record_changes(
-        self, child: Child, before: dict[str, Any], span: trace.Span, parent: trace.Span
+        self, child: Child, before: dict[str, tuple[int, str, Any]], span: trace.Span, parent: trace.Span
     ) -> None:
         after = _snapshot(self.ctx)
-        if after == before:
-            return
         changes = self._observer.tel.recorder(catalog.CTX_CHANGES)
         for field in sorted(set(before) | set(after)):
             old, new = before.get(field), after.get(field)
-            if old == new:
+            if not _changed(old, new):
                 continue
-            old_value = _value_of(self.ctx, field, old, current=False)
-            new_value = _value_of(self.ctx, field, new, current=True)
+            old_value = _old_value(old, new)
+            new_value = _MISSING if new is None else new[2]
             attrs = {
                 catalog.A_CALLBACK: child.name,
                 catalog.A_FIELD: field,
@@ -258,15 +256,15 @@ class Composite(RayServeLLMCallback):
 # --- ctx snapshots and summaries --------------------------------------------------------------
 
 
-def _snapshot(ctx: Any) -> dict[str, Any]:
-    """Comparable fingerprints of every ctx field and custom_data key (repr catches in-place
-    edits of dicts; fingerprints are compared, never emitted)."""
-    snap: dict[str, Any] = {}
+def _snapshot(ctx: Any) -> dict[str, tuple[int, str, Any]]:
+    """(identity, fingerprint, value) of every ctx field and custom_data key. The repr
+    fingerprint catches in-place edits; it is compared, never emitted."""
+    snap: dict[str, tuple[int, str, Any]] = {}
     for field in CTX_FIELDS:
         value = getattr(ctx, field)
-        snap[field] = (id(value), _fingerprint(value))
+        snap[field] = (id(value), _fingerprint(value), value)
     for key, value in ctx.custom_data.items():
-        snap[f"custom_data[{key}]"] = (id(value), _fingerprint(value))
+        snap[f"custom_data[{key}]"] = (id(value), _fingerprint(value), value)
     return snap
 
 
@@ -280,15 +278,19 @@ def _fingerprint(value: Any) -> str:
 _MISSING = object()
 
 
-def _value_of(ctx: Any, field: str, snap: Any, *, current: bool) -> Any:
-    if snap is None:
+def _changed(old: tuple[int, str, Any] | None, new: tuple[int, str, Any] | None) -> bool:
+    if old is None or new is None:
+        return old is not new
+    return old[0] != new[0] or old[1] != new[1]
+
+
+def _old_value(old: tuple[int, str, Any] | None, new: tuple[int, str, Any] | None) -> Any:
+    if old is None:
         return _MISSING
-    if current:
-        if field.startswith("custom_data["):
-            return ctx.custom_data.get(field[len("custom_data["):-1], _MISSING)
-        return getattr(ctx, field)
-    # The old object may have been edited in place; only its fingerprint is trustworthy.
-    return _Fingerprint(snap[1])
+    if new is not None and old[0] == new[0]:
+        # Edited in place: the object now holds the new value; only the fingerprint is old.
+        return _Fingerprint(old[1])
+    return old[2]
 
 
 class _Fingerprint:

@@ -207,6 +207,9 @@ def _serve(registry: Any, port: int, host: str) -> int:
 class _OtelRecorder:
     def __init__(self, spec: MetricSpec, meter: Any) -> None:
         self._keys = spec.otel_labels or spec.labels
+        # Semconv metrics (otel_labels set) leave out attributes that are not set (e.g.
+        # error.type on success), which Prometheus-style backends show as "".
+        self._drop_empty = spec.otel_labels is not None
         self._attrs: dict[Labels, dict[str, str]] = {}
         self._kind = spec.kind
         name = spec.otel_name or spec.name
@@ -227,8 +230,9 @@ class _OtelRecorder:
     def _attributes(self, labels: Labels) -> dict[str, str]:
         attrs = self._attrs.get(labels)
         if attrs is None:
-            # An empty label value means "not set" (e.g. error.type on success): OTel omits it.
-            attrs = {k: v for k, v in zip(self._keys, labels, strict=True) if v != ""}
+            attrs = dict(zip(self._keys, labels, strict=True))
+            if self._drop_empty:
+                attrs = {k: v for k, v in attrs.items() if v != ""}
             self._attrs[labels] = attrs
         return attrs
 

@@ -1,0 +1,241 @@
+"""Request hooks: who implements them, and calling them with each child's policy.
+
+The hook names and arguments are the seed request-callback API's::
+
+    async def on_llm_start(self, prompt, **kwargs): ...
+    async def on_llm_end(self, response, **kwargs): ...
+    async def on_llm_error(self, error, **kwargs): ...
+    async def on_llm_stream_chunk(self, chunk, **kwargs): ...
+
+They are looked up once per replica on ``callback.hook_targets()`` (a composite's children, or
+the callback itself), so a hook no target implements is an empty tuple: no call, no span, no
+metric, for every request and every chunk. Sync hooks are allowed too.
+
+Policies, per target, as in the composite: a hook that raises under ``raise_error_on_callback``
+fails the request with :class:`~llm_otel_callbacks.ChildHookError` naming the target and the
+hook; under the log policy the error is an event on the request span and an
+``llm_callback_hook_calls_total{outcome="error"}`` point, and the request goes on. Raising
+:class:`RequestRejected` (a :class:`~llm_otel_callbacks.builtin.RateLimiter` does) from
+``on_llm_start`` refuses the request with its HTTP status under either policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.trace import Span
+
+from . import catalog
+from ._callers import call_async
+from ._observe import outcome_of
+from .base import HookTarget
+from .composite import ChildHookError
+from .telemetry.metrics import Recorder
+
+logger = logging.getLogger(__name__)
+
+ON_START = "on_llm_start"
+ON_END = "on_llm_end"
+ON_ERROR = "on_llm_error"
+ON_CHUNK = "on_llm_stream_chunk"
+REQUEST_HOOKS: tuple[str, ...] = (ON_START, ON_END, ON_ERROR, ON_CHUNK)
+
+
+class RequestRejected(Exception):
+    """Raise from ``on_llm_start`` to refuse a request with an HTTP error.
+
+    The client gets ``status_code`` with an OpenAI-style body
+    ``{"error": {"message", "type", "param", "code"}}`` and, when ``retry_after_s`` is set and
+    the app uses :class:`~llm_otel_callbacks.serve.ObservedOpenAiIngress`, a ``Retry-After``
+    header. The rejection is counted in ``llm_callback_requests_rejected_total`` by ``reason``
+    (keep reasons few: it is a metric label).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 429,
+        reason: str = "rejected",
+        code: str = "request_rejected",
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.reason = reason
+        self.code = code
+        self.retry_after_s = retry_after_s
+        #: Set by the dispatcher: the target whose hook rejected the request.
+        self.rejected_by: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI-style error body."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.reason,
+                "param": None,
+                "code": self.code,
+            }
+        }
+
+
+class ResponseError(Exception):
+    """An error response of the engine (e.g. a prompt too long), as ``on_llm_error`` sees it."""
+
+    def __init__(self, message: str, *, status_code: int, error_type: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.error_type = error_type
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Token counts in the shape of an OpenAI ``usage`` object."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+@dataclass
+class StreamedResponse:
+    """What ``on_llm_end`` gets for a streamed response (the chunks are already sent)."""
+
+    id: str | None
+    model: str
+    usage: TokenUsage
+    chunks: int
+    finish_reasons: list[str] = field(default_factory=list)
+    text: str | None = None
+    """The streamed text, when a stream-chunk hook made the chunks be parsed."""
+
+    @property
+    def token_count(self) -> int | None:
+        return self.usage.completion_tokens
+
+
+@dataclass(frozen=True)
+class BoundHook:
+    """One target's implementation of one request hook."""
+
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    raise_error: bool
+    timeout_s: float | None
+
+
+def resolve(targets: Sequence[HookTarget], hook: str) -> tuple[BoundHook, ...]:
+    """The targets implementing ``hook``, in order."""
+    bound = []
+    for target in targets:
+        fn = getattr(target.instance, hook, None)
+        if fn is None or not callable(fn):
+            continue
+        bound.append(
+            BoundHook(
+                target.name, fn, inspect.iscoroutinefunction(fn),
+                bool(target.raise_error_on_callback), target.timeout_s,
+            )
+        )
+    return tuple(bound)
+
+
+class RequestHooks:
+    """The request hooks of one replica, resolved once."""
+
+    def __init__(self, targets: Sequence[HookTarget], calls: Recorder, model: str) -> None:
+        self.start = resolve(targets, ON_START)
+        self.end = resolve(targets, ON_END)
+        self.error = resolve(targets, ON_ERROR)
+        self.chunk = resolve(targets, ON_CHUNK)
+        self.any = bool(self.start or self.end or self.error or self.chunk)
+        self._calls = calls
+        self._model = model
+        self._warned: set[tuple[str, str]] = set()
+
+    async def run(
+        self,
+        hook: str,
+        bound: tuple[BoundHook, ...],
+        arg: Any,
+        kwargs: dict[str, Any],
+        span: Span,
+        *,
+        ok_counts: list[int] | None = None,
+    ) -> None:
+        """Call ``hook`` on each target in order.
+
+        Raises :class:`RequestRejected` (from ``on_llm_start``) and :class:`ChildHookError`
+        (a target with the raise policy failed); everything else is recorded and swallowed.
+        Successful calls are counted in the metric, or, when ``ok_counts`` is given (one slot
+        per target, for stream chunks), there, to be counted at once with :meth:`count`.
+        """
+        for i, b in enumerate(bound):
+            try:
+                if b.timeout_s is None:
+                    result = b.fn(arg, **kwargs)
+                    if b.is_async or inspect.isawaitable(result):
+                        await result
+                else:
+                    await call_async(functools.partial(b.fn, **kwargs), hook, b.timeout_s, arg)
+            except RequestRejected as rejection:
+                if hook != ON_START:
+                    self._failed(hook, b, rejection, span)
+                    continue
+                rejection.rejected_by = b.name
+                raise
+            except Exception as exc:
+                self._failed(hook, b, exc, span)
+                if b.raise_error:
+                    raise ChildHookError(b.name, hook, exc) from exc
+            else:
+                if ok_counts is None:
+                    self._calls.add((self._model, hook, b.name, catalog.OUTCOME_OK))
+                else:
+                    ok_counts[i] += 1
+
+    def count(self, hook: str, name: str, calls: int) -> None:
+        """Count ``calls`` successful calls at once (stream-chunk hooks, once per stream)."""
+        if calls:
+            self._calls.add((self._model, hook, name, catalog.OUTCOME_OK), float(calls))
+
+    def _failed(self, hook: str, b: BoundHook, exc: BaseException, span: Span) -> None:
+        outcome = outcome_of(exc)
+        try:
+            self._calls.add((self._model, hook, b.name, outcome))
+            if span.is_recording():
+                span.record_exception(
+                    exc, {catalog.A_HOOK: hook, catalog.A_CALLBACK: b.name,
+                          catalog.A_OUTCOME: outcome},
+                )
+                span.add_event(
+                    catalog.EVENT_HOOK_ERROR,
+                    {catalog.A_HOOK: hook, catalog.A_CALLBACK: b.name, catalog.A_OUTCOME: outcome,
+                     catalog.A_RAISE: b.raise_error},
+                )
+        except Exception as telemetry_error:  # the telemetry path never fails a request
+            logger.debug("request hook error not recorded: %s", telemetry_error)
+        # Once per target and hook at WARNING, then DEBUG: a hook failing on every request
+        # must not flood the replica log.
+        key = (b.name, hook)
+        level = logging.DEBUG if key in self._warned else logging.WARNING
+        self._warned.add(key)
+        logger.log(
+            level, "callback '%s' failed in request hook '%s' (%s): %s: %s", b.name, hook,
+            "request fails" if b.raise_error else "logged, request continues",
+            type(exc).__name__, exc,
+        )

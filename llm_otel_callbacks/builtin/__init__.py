@@ -1,0 +1,24 @@
+"""Built-in callbacks, each usable alone as ``callback_class`` or as a Composite child:
+
+* :class:`Timing` -- the replica startup waterfall (spans and phase histograms);
+* :class:`DownloadPolicy` -- what each node downloads (``ctx.worker_node_download_model``);
+* :class:`CustomPlacementGroup` -- where the engine runs (``ctx.placement_group``).
+
+Name them by dotted path, e.g. ``"llm_otel_callbacks.builtin.Timing"``.
+"""
+
+from .download_policy import CacheCheck, DownloadDecision, DownloadPolicy, DownloadPolicyOptions
+from .placement_group import CustomPlacementGroup, PlacementGroupOptions, PlacementGroupTimeoutError
+from .timing import Timing, TimingOptions
+
+__all__ = [
+    "CacheCheck",
+    "CustomPlacementGroup",
+    "DownloadDecision",
+    "DownloadPolicy",
+    "DownloadPolicyOptions",
+    "PlacementGroupOptions",
+    "PlacementGroupTimeoutError",
+    "Timing",
+    "TimingOptions",
+]

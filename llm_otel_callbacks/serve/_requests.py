@@ -1,0 +1,682 @@
+"""One request's life in the replica: span, GenAI metrics, request hooks, stream observation.
+
+The engine's OpenAI methods (``chat``, ``completions``, ``embeddings``) return async generators:
+a streamed response is ``"data: {...}\\n\\n"`` strings ending with ``"data: [DONE]\\n\\n"``, any
+other response is one object (the response, or an ``ErrorResponse``).
+:meth:`RequestObserver.observe` wraps that generator in exactly one generator layer, before Ray's
+stream batching, so the time to the first token is the engine's, not the batch interval's.
+
+Token counts come from the engine's own ``usage``: for a stream the observer asks the engine
+for the final usage chunk (``stream_options.include_usage``) and drops that chunk again when the
+client did not ask for it, so the client sees what it would have seen. Chunks are parsed only
+when some target implements ``on_llm_stream_chunk``; then the engine is also asked for running
+usage on each chunk (token progress), which is likewise removed when the client did not ask.
+
+Nothing here imports Ray or vLLM (the engine module hands in the few vLLM types needed), so the
+hot path can be measured and tested alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import typing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    get_current_span,
+    set_span_in_context,
+)
+
+from .. import catalog
+from .._request_hooks import (
+    ON_CHUNK,
+    ON_END,
+    ON_ERROR,
+    ON_START,
+    BoundHook,
+    RequestHooks,
+    RequestRejected,
+    ResponseError,
+    StreamedResponse,
+    TokenUsage,
+)
+from ..composite import ChildHookError
+from ..telemetry.providers import Telemetry
+
+logger = logging.getLogger(__name__)
+
+_DONE_MARK = "["  # "data: [DONE]"
+_ERROR_PREFIX = 'data: {"error"'
+_USAGE_ONLY = '"choices":[]'  # the final usage chunk has no choices
+_PREFIX_LEN = len("data: ")
+
+ErrorResponseFactory = Callable[[int, str, str, dict[str, Any]], Any]
+"""(status_code, message, error_type, extra fields) -> the engine's ErrorResponse object."""
+
+_OPERATIONS = {
+    "chat": catalog.OPERATION_CHAT,
+    "completions": catalog.OPERATION_TEXT_COMPLETION,
+    "embeddings": catalog.OPERATION_EMBEDDINGS,
+}
+
+
+class _Record:
+    """One request. Slots: the stream loop touches these on every chunk."""
+
+    __slots__ = (
+        "chunk_calls", "chunk_tokens", "chunks", "completion_tokens", "ctx", "done", "error",
+        "first", "kwargs", "labels", "last", "op", "prompt_tokens", "span", "stream", "t0",
+        "text", "tokens_end", "trace_id",
+    )
+
+    def __init__(self, op: str, labels: _Labels, stream: bool) -> None:
+        self.t0 = time.perf_counter()
+        self.op = op
+        self.labels = labels
+        self.stream = stream
+        self.span: Span = INVALID_SPAN
+        self.ctx: Context | None = None
+        self.trace_id: str | None = None
+        self.kwargs: dict[str, Any] | None = None
+        self.chunks = 0
+        self.chunk_calls: list[int] | None = None
+        self.chunk_tokens: int | None = None
+        self.first: float | None = None
+        self.tokens_end: float | None = None
+        self.last: str | None = None
+        self.done = False
+        self.error: BaseException | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.text: list[str] | None = None
+
+
+class _Labels:
+    """Metric label tuples of one operation, built once."""
+
+    __slots__ = ("base", "errors", "input", "ok", "output")
+
+    def __init__(self, op: str, provider: str, model: str) -> None:
+        self.base = (op, provider, model)
+        self.ok = (*self.base, "")
+        self.input = (*self.base, catalog.TOKEN_TYPE_INPUT)
+        self.output = (*self.base, catalog.TOKEN_TYPE_OUTPUT)
+        self.errors: dict[str, tuple[str, ...]] = {}
+
+    def error(self, error_type: str) -> tuple[str, ...]:
+        labels = self.errors.get(error_type)
+        if labels is None:
+            labels = self.errors[error_type] = (*self.base, error_type)
+        return labels
+
+
+class RequestObserver:
+    """Spans, GenAI metrics and request hooks for one replica's requests."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        provider: str,
+        tel: Telemetry,
+        hooks: RequestHooks,
+        error_response: ErrorResponseFactory,
+        error_types: tuple[type, ...],
+        record_exception_messages: bool = True,
+    ) -> None:
+        self.model = model
+        self.provider = provider
+        self.hooks = hooks
+        self._tracer = tel.tracer
+        self._error_response = error_response
+        self._error_types = error_types
+        self._record_message = record_exception_messages
+        self._duration = tel.recorder(catalog.GENAI_REQUEST_DURATION)
+        self._ttft = tel.recorder(catalog.GENAI_TIME_TO_FIRST_TOKEN)
+        self._tpot = tel.recorder(catalog.GENAI_TIME_PER_OUTPUT_TOKEN)
+        self._tokens = tel.recorder(catalog.GENAI_TOKEN_USAGE)
+        self._rejected = tel.recorder(catalog.REQUESTS_REJECTED)
+        self._labels = {op: _Labels(name, provider, model) for op, name in _OPERATIONS.items()}
+        self._span_names = {op: f"{name} {model}" for op, name in _OPERATIONS.items()}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stream_options_cls: dict[type, Any] = {}
+
+    # --- entry --------------------------------------------------------------------------------
+
+    def observe(
+        self, op: str, method: Callable[..., AsyncIterator[Any]], request: Any, raw: Any
+    ) -> AsyncGenerator[Any, None]:
+        """The engine method's generator, observed (``op``: chat, completions, embeddings)."""
+        rec = self._begin(op, request, raw)
+        if rec.stream:
+            return self._observe_stream(rec, method, request, raw)
+        return self._observe_once(rec, method, request, raw)
+
+    def _begin(self, op: str, request: Any, raw: Any) -> _Record:
+        rec = _Record(op, self._labels[op], bool(getattr(request, "stream", False)))
+        request_id = getattr(request, "request_id", None)
+        attrs: dict[str, Any] = {
+            catalog.A_GENAI_OPERATION: rec.labels.base[0],
+            catalog.A_GENAI_PROVIDER: self.provider,
+            catalog.A_MODEL: self.model,
+            catalog.A_STREAM: rec.stream,
+        }
+        if request_id:
+            attrs[catalog.A_REQUEST_ID] = str(request_id)
+        _sampling_attributes(request, attrs)
+        parent = otel_context.get_current()  # Serve's request span, when Serve traces
+        span = self._tracer.start_span(
+            self._span_names[op], context=parent, kind=SpanKind.SERVER, attributes=attrs
+        )
+        rec.span = span
+        rec.ctx = set_span_in_context(span, parent)
+        span_ctx = span.get_span_context()
+        if not span_ctx.is_valid:  # no tracer of ours: the hooks still get Serve's trace
+            span_ctx = get_current_span(parent).get_span_context()
+        rec.trace_id = format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None
+        rec.kwargs = (
+            {
+                "model": self.model,
+                "request_id": request_id,
+                "trace_id": rec.trace_id,
+                "stream": rec.stream,
+                "operation": op,
+                "user": getattr(request, "user", None),
+                "api_key_id": _api_key_id(raw),
+                "request": request,
+            }
+            if self.hooks.any
+            else None
+        )
+        return rec
+
+    # --- hooks --------------------------------------------------------------------------------
+
+    async def _hooks(
+        self, rec: _Record, hook: str, bound: tuple[BoundHook, ...], arg: Any,
+        kwargs: dict[str, Any], ok_counts: list[int] | None = None,
+    ) -> None:
+        token = otel_context.attach(rec.ctx or otel_context.get_current())  # span is current
+        try:
+            await self.hooks.run(hook, bound, arg, kwargs, rec.span, ok_counts=ok_counts)
+        finally:
+            otel_context.detach(token)
+
+    async def _start(self, rec: _Record, request: Any) -> Any:
+        """Run ``on_llm_start``; returns an error response to send instead, or None."""
+        assert rec.kwargs is not None
+        try:
+            await self._hooks(rec, ON_START, self.hooks.start, _prompt_of(rec.op, request),
+                              rec.kwargs)
+        except RequestRejected as rejection:
+            return await self._reject(rec, rejection)
+        except ChildHookError as exc:
+            await self._fail(rec, exc, "hook_error")
+            return self._error_response(500, str(exc), "InternalServerError", {})
+        return None
+
+    async def _reject(self, rec: _Record, rejection: RequestRejected) -> Any:
+        by = rejection.rejected_by or ""
+        try:
+            self._rejected.add((self.model, by, rejection.reason))
+            span = rec.span
+            if span.is_recording():
+                span.set_attribute(catalog.A_REJECTED_BY, by)
+                span.set_attribute(catalog.A_REJECT_REASON, rejection.reason)
+                if rejection.retry_after_s is not None:
+                    span.set_attribute(catalog.A_RETRY_AFTER, rejection.retry_after_s)
+        except Exception as exc:
+            logger.debug("rejection not recorded: %s", exc)
+        await self._fail(rec, rejection, type(rejection).__name__, status=rejection.status_code)
+        extra: dict[str, Any] = {"llm_otel_rejection": rejection.body()}
+        if rejection.retry_after_s is not None:
+            extra["retry_after_s"] = rejection.retry_after_s
+        message = rejection.message
+        return self._error_response(rejection.status_code, message, rejection.reason, extra)
+
+    # --- non-streamed responses ------------------------------------------------------------
+
+    async def _observe_once(
+        self, rec: _Record, method: Callable[..., AsyncIterator[Any]], request: Any, raw: Any
+    ) -> AsyncGenerator[Any, None]:
+        if self.hooks.start:
+            refusal = await self._start(rec, request)
+            if refusal is not None:
+                yield refusal
+                return
+        try:
+            async for item in method(request, raw):
+                if rec.done:
+                    yield item
+                    continue
+                if isinstance(item, self._error_types):
+                    error = _response_error(item)
+                    await self._fail(rec, error, error.error_type, status=error.status_code)
+                    yield item
+                    continue
+                replacement = await self._end_once(rec, item)
+                yield item if replacement is None else replacement
+        except (GeneratorExit, asyncio.CancelledError):
+            self._cancelled(rec)
+            raise
+        except Exception as exc:
+            await self._fail(rec, exc, type(exc).__name__)
+            raise
+        if not rec.done:  # the engine returned nothing
+            await self._fail(rec, ResponseError("empty response", status_code=500,
+                                                error_type="EmptyResponse"), "EmptyResponse")
+
+    async def _end_once(self, rec: _Record, response: Any) -> Any:
+        usage = getattr(response, "usage", None)
+        rec.prompt_tokens = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        rec.completion_tokens = completion if rec.op != "embeddings" else None
+        finish = [
+            str(c.finish_reason) for c in (getattr(response, "choices", None) or [])
+            if getattr(c, "finish_reason", None) is not None
+        ]
+        self._response_attributes(
+            rec, getattr(response, "id", None), getattr(response, "model", None), finish
+        )
+        if self.hooks.end:
+            try:
+                await self._hooks(rec, ON_END, self.hooks.end, response, self._end_kwargs(rec))
+            except ChildHookError as exc:
+                await self._fail(rec, exc, "hook_error")
+                return self._error_response(500, str(exc), "InternalServerError", {})
+        self._succeeded(rec)
+        return None
+
+    # --- streamed responses --------------------------------------------------------------------
+
+    async def _observe_stream(
+        self, rec: _Record, method: Callable[..., AsyncIterator[Any]], request: Any, raw: Any
+    ) -> AsyncGenerator[Any, None]:
+        hooks = self.hooks
+        if hooks.start:
+            refusal = await self._start(rec, request)
+            if refusal is not None:
+                yield refusal
+                return
+        chunk_hooks = bool(hooks.chunk)
+        drop_usage, strip_usage = self._ask_for_usage(request, continuous=chunk_hooks)
+        if chunk_hooks:
+            rec.text = []
+        gen = method(request, raw)
+        try:
+            async for item in gen:
+                if item.__class__ is not str:  # an error (or a response) instead of a stream
+                    if not rec.done and isinstance(item, self._error_types):
+                        error = _response_error(item)
+                        await self._fail(rec, error, error.error_type, status=error.status_code)
+                    yield item
+                    continue
+                mark = item[_PREFIX_LEN:_PREFIX_LEN + 1]
+                if mark == "{":
+                    if _USAGE_ONLY in item:
+                        rec.tokens_end = time.perf_counter()
+                        _read_usage(rec, item)
+                        if drop_usage:
+                            continue
+                    elif item.startswith(_ERROR_PREFIX):
+                        rec.error = _stream_error(item)
+                    else:
+                        if rec.first is None:
+                            rec.first = time.perf_counter()
+                        rec.chunks += 1
+                        rec.last = item
+                        if chunk_hooks:
+                            item = await self._chunk(rec, item, strip_usage)
+                elif mark == _DONE_MARK and not rec.done:
+                    failure = await self._end_stream(rec)
+                    if failure is not None:
+                        yield failure
+                yield item
+        except (GeneratorExit, asyncio.CancelledError):
+            self._cancelled(rec)
+            raise
+        except ChildHookError as exc:  # a stream-chunk hook with the raise policy
+            await self._fail(rec, exc, "hook_error")
+            yield _sse_error(500, str(exc), "InternalServerError")
+            yield "data: [DONE]\n\n"
+        except Exception as exc:
+            await self._fail(rec, exc, type(exc).__name__)
+            raise
+        finally:
+            await _close(gen)  # stops the engine's work when we stop early
+        if not rec.done:  # the engine ended without [DONE]
+            await self._end_stream(rec)
+
+    def _ask_for_usage(self, request: Any, continuous: bool) -> tuple[bool, bool]:
+        """Make the engine report usage; returns (drop the usage chunk, strip chunk usage)."""
+        options = getattr(request, "stream_options", None)
+        client_usage = bool(options is not None and getattr(options, "include_usage", False))
+        client_continuous = client_usage and bool(getattr(options, "continuous_usage_stats", False))
+        if client_usage and (client_continuous or not continuous):
+            return False, False
+        cls = self._options_class(request)
+        if cls is None:
+            return False, False
+        try:
+            request.stream_options = cls(
+                include_usage=True, continuous_usage_stats=continuous or client_continuous
+            )
+        except Exception as exc:  # never fail the request over telemetry
+            logger.debug("stream_options not set: %s", exc)
+            return False, False
+        return not client_usage, continuous and not client_continuous
+
+    def _options_class(self, request: Any) -> Any:
+        cls = type(request)
+        if cls not in self._stream_options_cls:
+            found = None
+            model_fields = getattr(cls, "model_fields", {})
+            field = model_fields.get("stream_options")
+            if field is not None:
+                for arg in typing.get_args(field.annotation) or (field.annotation,):
+                    if isinstance(arg, type) and hasattr(arg, "model_fields"):
+                        found = arg
+                        break
+            self._stream_options_cls[cls] = found
+        return self._stream_options_cls[cls]
+
+    async def _chunk(self, rec: _Record, item: str, strip_usage: bool) -> str:
+        """Parse one chunk for the stream-chunk hooks; returns the chunk to send."""
+        try:
+            data = json.loads(item[_PREFIX_LEN:])
+            choices = data.get("choices") or [{}]
+            choice = choices[0]
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            finish = choice.get("finish_reason")
+            usage = data.get("usage")
+            if isinstance(usage, dict):
+                rec.chunk_tokens = usage.get("completion_tokens")
+                if strip_usage:
+                    del data["usage"]
+                    item = "data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+                    item += "\n\n"
+        except Exception as exc:
+            logger.debug("chunk not parsed: %s", exc)
+            text, finish = None, None
+        if text and rec.text is not None:
+            rec.text.append(text)
+        assert rec.kwargs is not None
+        kwargs = {
+            **rec.kwargs,
+            "index": rec.chunks - 1,
+            "completion_tokens": rec.chunk_tokens,
+            "finish_reason": finish,
+            "raw": item,
+        }
+        calls = rec.chunk_calls
+        if calls is None:
+            calls = rec.chunk_calls = [0] * len(self.hooks.chunk)
+        await self._hooks(rec, ON_CHUNK, self.hooks.chunk, text or "", kwargs, ok_counts=calls)
+        return item
+
+    async def _end_stream(self, rec: _Record) -> str | None:
+        """Finish a stream at ``[DONE]``; returns an error chunk to send first, or None."""
+        if rec.tokens_end is None:
+            rec.tokens_end = time.perf_counter()
+        self._count_chunk_calls(rec)
+        if rec.error is not None:
+            error = rec.error
+            await self._fail(rec, error, getattr(error, "error_type", type(error).__name__))
+            return None
+        response_id, response_model, finish = _last_chunk_facts(rec.last)
+        self._response_attributes(rec, response_id, response_model, finish)
+        if self.hooks.end:
+            streamed = StreamedResponse(
+                id=response_id,
+                model=response_model or self.model,
+                usage=TokenUsage(rec.prompt_tokens, rec.completion_tokens),
+                chunks=rec.chunks,
+                finish_reasons=finish,
+                text="".join(rec.text) if rec.text is not None else None,
+            )
+            try:
+                await self._hooks(rec, ON_END, self.hooks.end, streamed, self._end_kwargs(rec))
+            except ChildHookError as exc:
+                await self._fail(rec, exc, "hook_error")
+                return _sse_error(500, str(exc), "InternalServerError")
+        self._succeeded(rec)
+        return None
+
+    def _count_chunk_calls(self, rec: _Record) -> None:
+        """Successful stream-chunk calls are counted once per stream, not per chunk."""
+        calls = rec.chunk_calls
+        if calls is not None:
+            rec.chunk_calls = None
+            for b, n in zip(self.hooks.chunk, calls, strict=True):
+                self.hooks.count(ON_CHUNK, b.name, n)
+
+    # --- endings -------------------------------------------------------------------------------
+
+    def _end_kwargs(self, rec: _Record) -> dict[str, Any]:
+        assert rec.kwargs is not None
+        now = time.perf_counter()
+        usage = TokenUsage(rec.prompt_tokens, rec.completion_tokens)
+        return {
+            **rec.kwargs,
+            "prompt_tokens": rec.prompt_tokens,
+            "completion_tokens": rec.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "token_count": usage.total_tokens,
+            "duration_ms": (now - rec.t0) * 1000.0,
+            "time_to_first_token_ms": (
+                (rec.first - rec.t0) * 1000.0 if rec.first is not None else None
+            ),
+            "chunks": rec.chunks if rec.stream else None,
+        }
+
+    def _response_attributes(
+        self, rec: _Record, response_id: Any, response_model: Any, finish: list[str]
+    ) -> None:
+        span = rec.span
+        if not span.is_recording():
+            return
+        try:
+            if response_id:
+                span.set_attribute(catalog.A_GENAI_RESPONSE_ID, str(response_id))
+            if response_model:
+                span.set_attribute(catalog.A_GENAI_RESPONSE_MODEL, str(response_model))
+            if finish:
+                span.set_attribute(catalog.A_GENAI_FINISH_REASONS, finish)
+            if rec.prompt_tokens is not None:
+                span.set_attribute(catalog.A_GENAI_INPUT_TOKENS, rec.prompt_tokens)
+            if rec.completion_tokens is not None:
+                span.set_attribute(catalog.A_GENAI_OUTPUT_TOKENS, rec.completion_tokens)
+            if rec.stream:
+                span.set_attribute(catalog.A_CHUNKS, rec.chunks)
+                if rec.first is not None:
+                    span.set_attribute(catalog.A_TTFT, rec.first - rec.t0)
+        except Exception as exc:
+            logger.debug("span attributes not set: %s", exc)
+
+    def _succeeded(self, rec: _Record) -> None:
+        rec.done = True
+        try:
+            now = time.perf_counter()
+            labels = rec.labels
+            trace_id = rec.trace_id
+            self._duration.record(labels.ok, now - rec.t0, trace_id)
+            if rec.prompt_tokens is not None:
+                self._tokens.record(labels.input, float(rec.prompt_tokens), trace_id)
+            if rec.completion_tokens is not None:
+                self._tokens.record(labels.output, float(rec.completion_tokens), trace_id)
+            if rec.first is not None:
+                self._ttft.record(labels.base, rec.first - rec.t0, trace_id)
+                out = rec.completion_tokens
+                if out is not None and out > 1 and rec.tokens_end is not None:
+                    self._tpot.record(labels.base, (rec.tokens_end - rec.first) / (out - 1),
+                                      trace_id)
+            rec.span.end()
+        except Exception as exc:  # the telemetry path never fails a request
+            logger.debug("request telemetry not recorded: %s", exc)
+
+    async def _fail(
+        self, rec: _Record, error: BaseException, error_type: str, status: int | None = None
+    ) -> None:
+        """End the request with an error: ``on_llm_error``, span status, duration metric."""
+        if rec.done:
+            return
+        rec.done = True
+        self._count_chunk_calls(rec)
+        if self.hooks.error and rec.kwargs is not None:
+            kwargs = self._end_kwargs(rec)
+            kwargs["status_code"] = status
+            try:
+                await self._hooks(rec, ON_ERROR, self.hooks.error, error, kwargs)
+            except ChildHookError as exc:  # the request fails anyway; keep the first error
+                logger.debug("on_llm_error failed too: %s", exc)
+        self._end_error(rec, error, error_type, status)
+
+    def _end_error(
+        self, rec: _Record, error: BaseException, error_type: str, status: int | None
+    ) -> None:
+        try:
+            span = rec.span
+            if span.is_recording():
+                span.set_attribute(catalog.A_ERROR_TYPE, error_type)
+                if status is not None:
+                    span.set_attribute("http.response.status_code", status)
+                if self._record_message:
+                    span.set_status(Status(StatusCode.ERROR, f"{error_type}: {error}"))
+                else:
+                    span.set_status(Status(StatusCode.ERROR, error_type))
+            span.end()
+            self._duration.record(
+                rec.labels.error(error_type), time.perf_counter() - rec.t0, rec.trace_id
+            )
+        except Exception as exc:
+            logger.debug("request error not recorded: %s", exc)
+
+    def _cancelled(self, rec: _Record) -> None:
+        """The client went away (the stream was closed or the task cancelled)."""
+        if rec.done:
+            return
+        error = asyncio.CancelledError("the client closed the request")
+        if self.hooks.error and rec.kwargs is not None:
+            # Nothing may be awaited here: on_llm_error runs on its own.
+            try:
+                task = asyncio.get_running_loop().create_task(
+                    self._fail(rec, error, catalog.ERROR_CANCELLED)
+                )
+            except RuntimeError:  # no loop (finalized late): record without the hooks
+                pass
+            else:
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                return
+        rec.done = True
+        self._count_chunk_calls(rec)
+        self._end_error(rec, error, catalog.ERROR_CANCELLED, None)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _prompt_of(op: str, request: Any) -> Any:
+    """``prompt`` of ``on_llm_start``: chat messages, the completion prompt, embedding input."""
+    if op == "chat":
+        return getattr(request, "messages", None)
+    if op == "completions":
+        return getattr(request, "prompt", None)
+    return getattr(request, "input", None)
+
+
+def _sampling_attributes(request: Any, attrs: dict[str, Any]) -> None:
+    max_tokens = getattr(request, "max_completion_tokens", None) or getattr(
+        request, "max_tokens", None
+    )
+    if isinstance(max_tokens, int):
+        attrs[catalog.A_GENAI_MAX_TOKENS] = max_tokens
+    temperature = getattr(request, "temperature", None)
+    if isinstance(temperature, (int, float)):
+        attrs[catalog.A_GENAI_TEMPERATURE] = float(temperature)
+    top_p = getattr(request, "top_p", None)
+    if isinstance(top_p, (int, float)):
+        attrs[catalog.A_GENAI_TOP_P] = float(top_p)
+
+
+def _api_key_id(raw: Any) -> str | None:
+    """A short digest of the bearer token: enough to tell keys apart, never the key."""
+    headers = getattr(raw, "headers", None)
+    if not headers:
+        return None
+    value = headers.get("authorization") or headers.get("Authorization")
+    if not value:
+        return None
+    token = value.split(" ", 1)[1] if value.lower().startswith("bearer ") else value
+    return hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+
+
+def _response_error(item: Any) -> ResponseError:
+    info = getattr(item, "error", None)
+    return ResponseError(
+        str(getattr(info, "message", "error")),
+        status_code=int(getattr(info, "code", 500) or 500),
+        error_type=str(getattr(info, "type", None) or "ErrorResponse"),
+    )
+
+
+def _stream_error(item: str) -> ResponseError:
+    try:
+        info = json.loads(item[_PREFIX_LEN:])["error"]
+        return ResponseError(
+            str(info.get("message")), status_code=int(info.get("code") or 500),
+            error_type=str(info.get("type") or "StreamError"),
+        )
+    except Exception:
+        return ResponseError("stream error", status_code=500, error_type="StreamError")
+
+
+def _read_usage(rec: _Record, item: str) -> None:
+    try:
+        usage = json.loads(item[_PREFIX_LEN:]).get("usage") or {}
+        rec.prompt_tokens = usage.get("prompt_tokens")
+        rec.completion_tokens = usage.get("completion_tokens")
+    except Exception as exc:
+        logger.debug("usage chunk not parsed: %s", exc)
+
+
+def _last_chunk_facts(last: str | None) -> tuple[str | None, str | None, list[str]]:
+    """Response id, model and finish reasons, from the last content chunk (parsed once)."""
+    if last is None:
+        return None, None, []
+    try:
+        data = json.loads(last[_PREFIX_LEN:])
+        finish = [
+            str(c["finish_reason"]) for c in data.get("choices") or []
+            if c.get("finish_reason") is not None
+        ]
+        return data.get("id"), data.get("model"), finish
+    except Exception:
+        return None, None, []
+
+
+def _sse_error(status: int, message: str, error_type: str) -> str:
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def _close(gen: Any) -> None:
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception as exc:
+            logger.debug("engine stream did not close cleanly: %s", exc)

@@ -1,0 +1,107 @@
+"""ObservedLLMServer: Ray's LLMServer with engine-start hooks, request hooks and GenAI telemetry.
+
+Set it as the deployment's server class::
+
+    LLMConfig(..., server_cls="llm_otel_callbacks.serve.ObservedLLMServer",
+              callback_config={"callback_class": "llm_otel_callbacks.Composite", ...})
+
+It uses the replica's one callback instance (``llm_config.get_or_create_callback()``), so one
+Composite configures the startup hooks and the request hooks alike.
+
+Where requests go in Ray 2.60: the OpenAI ingress calls ``LLMServer.chat`` / ``completions`` /
+``embeddings`` over a deployment handle, and those call the engine's method of the same name
+(``LLMServer._run_request``), then batch streamed chunks. The server therefore wraps its engine
+once it has started, so each engine call is observed before the batching. With
+``RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`` the server instead serves vLLM's own ASGI app and
+requests never reach those methods; request hooks and GenAI metrics do not see them there (a
+warning says so), engine-start hooks still run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .._ray import llm_server_class
+from .._request_hooks import RequestHooks
+from ..base import HookTarget, RayServeLLMCallback
+from ..catalog import HOOK_CALLS
+from ..telemetry import TelemetrySettings, get_telemetry
+from ..telemetry.providers import Telemetry
+from ._engine import ObservedEngine, engine_error_types, make_error_response, provider_of
+from ._engine_start import EngineStart
+from ._requests import RequestObserver
+
+logger = logging.getLogger(__name__)
+
+LLMServer: Any = llm_server_class()
+
+
+class ObservedLLMServer(LLMServer):  # type: ignore[misc,valid-type]
+    """Ray's ``LLMServer``, observed. Everything else (LoRA, batching, health) is Ray's."""
+
+    engine: Any
+
+    async def start(self) -> None:
+        try:
+            callback = self._llm_config.get_or_create_callback()
+        except Exception:
+            # Ray's own start makes the same call and reports the error its way.
+            await super().start()
+            return
+        model = str(self._llm_config.model_id)
+        tel = _telemetry_of(callback)
+        phase = EngineStart(callback, model, tel)
+        if not phase.arm():
+            await phase.begin()
+        try:
+            await super().start()
+        except BaseException as exc:
+            phase.failed(exc)
+            raise
+        await phase.ready()
+        if self.engine is not None:
+            observer = _request_observer(callback, model, tel, self.engine)
+            if observer is not None:
+                self.engine = ObservedEngine(self.engine, observer)
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        logger.warning(
+            "llm_otel_callbacks: direct streaming serves vLLM's ASGI app; request hooks and "
+            "GenAI request telemetry do not see these requests (engine-start hooks did run)"
+        )
+        return await super().__serve_build_asgi_app__()
+
+
+def _telemetry_of(callback: Any) -> Telemetry:
+    if isinstance(callback, RayServeLLMCallback):
+        return callback._observer.tel
+    return get_telemetry(TelemetrySettings.resolve(None))
+
+
+def _targets_of(callback: Any) -> list[HookTarget]:
+    if isinstance(callback, RayServeLLMCallback):
+        return callback.hook_targets()
+    return [
+        HookTarget(type(callback).__name__, callback,
+                   bool(getattr(callback, "raise_error_on_callback", True)))
+    ]
+
+
+def _request_observer(
+    callback: Any, model: str, tel: Telemetry, engine: Any
+) -> RequestObserver | None:
+    """The per-replica observer, or None when there is nothing to do per request."""
+    hooks = RequestHooks(_targets_of(callback), tel.recorder(HOOK_CALLS), model)
+    if not hooks.any and not tel.settings.enabled:
+        return None
+    settings = getattr(callback, "telemetry_settings", tel.settings)
+    return RequestObserver(
+        model=model,
+        provider=provider_of(engine),
+        tel=tel,
+        hooks=hooks,
+        error_response=make_error_response,
+        error_types=engine_error_types(),
+        record_exception_messages=settings.record_exception_messages,
+    )
