@@ -10,6 +10,7 @@ per-node download tasks). The W3C trace carrier, a plain dict, travels instead.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -62,11 +63,13 @@ class HookTarget:
 class _Local:
     """What one process knows about one callback instance. Never pickled."""
 
-    __slots__ = ("cache", "observer", "startup_span")
+    __slots__ = ("cache", "methods", "observer", "parent", "startup_span")
 
     def __init__(self, observer: HookObserver) -> None:
         self.observer = observer
         self.startup_span: Span | None = None
+        self.parent: Context | None = None  # the context hook spans are parented on
+        self.methods: dict[str, tuple[Any, bool]] = {}
         self.cache: dict[Any, Any] = {}  # per-process memo for subclasses (never pickled)
 
 
@@ -185,19 +188,21 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         if self.startup_owner is not None:
             return self.startup_owner.startup_context()
         local = self._local or self._make_local()
-        if local.startup_span is not None:
-            return set_span_in_context(local.startup_span)
+        if local.parent is not None:
+            return local.parent
         if self._unpickled:
-            return context_from(self.trace_carrier)
+            local.parent = context_from(self.trace_carrier)
+            return local.parent
         span = local.observer.tel.tracer.start_span(
             catalog.SPAN_STARTUP,
             start_time=self.created_at_ns,
             attributes={catalog.A_MODEL: self.model_id, catalog.A_CLASS: local.observer.class_name},
         )
         local.startup_span = span
+        local.parent = set_span_in_context(span)
         self.trace_carrier = carrier_for(span)
         _OPEN_STARTUPS.add((self, local))
-        return set_span_in_context(span)
+        return local.parent
 
     def end_startup(self, error: BaseException | str | None = None) -> None:
         """Close this replica's startup span (ok, or ERROR with ``error``). Idempotent."""
@@ -210,6 +215,7 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         self._notify_startup_ended(error)
         _end_span(local.startup_span, error, self.telemetry_settings.record_exception_messages)
         local.startup_span = None
+        local.parent = None
         _OPEN_STARTUPS.discard((self, local))
 
     def _notify_startup_ended(self, error: BaseException | str | None) -> None:
@@ -239,53 +245,59 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
 
     # --- dispatch -----------------------------------------------------------------------------
 
+    def _method(self, method_name: str) -> tuple[Any, bool]:
+        """Ray's ``_get_method`` (same errors), memoized per process: it inspects."""
+        local = self._local or self._make_local()
+        found = local.methods.get(method_name)
+        if found is None:
+            found = local.methods[method_name] = self._get_method(method_name)
+        return found
+
     async def run_callback(self, method_name: str) -> None:
         """Ray's async dispatch, with a span and metrics around the call."""
-        method, _ = self._get_method(method_name)
+        method, is_async = self._method(method_name)
         observer = self._observer
         started = observer.start(method_name, self.startup_context())
         error: BaseException | None = None
         try:
-            await self._invoke_async(method_name, method)
+            await self._invoke_async(method_name, method, is_async)
         except Exception as exc:
             error = exc
         observer.finish(method_name, started, error,
                         record_message=self.telemetry_settings.record_exception_messages)
-        self._after_dispatch(method_name, error)
-        if method_name == STARTUP_LAST_HOOK and self._local is not None:
-            follow_up = self._local.cache.pop(_AFTER_NODE_INIT, None)
-            if follow_up is not None:
-                await follow_up()
-
-    def call_after_node_init(self, fn: Callable[[], Awaitable[None]]) -> None:
-        """Await ``fn`` in this process right after the ``on_after_node_init`` dispatch.
-
-        Ray's engine start has no await point of ours between node init and building the
-        engine; ObservedLLMServer begins the engine-start phase here. Kept per process
-        (never pickled); an error ``fn`` raises leaves Ray's engine start like a hook's."""
-        self.process_cache[_AFTER_NODE_INIT] = fn
+        if error is not None or method_name == STARTUP_LAST_HOOK:
+            self._after_dispatch(method_name, error)
 
     def run_callback_sync(self, method_name: str) -> None:
         """Ray's sync dispatch, with a span and metrics, and async hooks run correctly even
         when this thread already runs an event loop."""
-        method, _ = self._get_method(method_name)
+        method, is_async = self._method(method_name)
         observer = self._observer
         started = observer.start(method_name, self.startup_context())
         error: BaseException | None = None
         try:
-            self._invoke_sync(method_name, method)
+            self._invoke_sync(method_name, method, is_async)
         except Exception as exc:
             error = exc
         observer.finish(method_name, started, error,
                         record_message=self.telemetry_settings.record_exception_messages)
-        self._after_dispatch(method_name, error)
+        if error is not None or method_name == STARTUP_LAST_HOOK:
+            self._after_dispatch(method_name, error)
 
-    async def _invoke_async(self, hook: str, method: Any) -> None:
+    async def _invoke_async(self, hook: str, method: Any, is_async: bool) -> None:
         """How the hook itself is called; the composite overrides this to run its children."""
-        await call_async(method, hook, None)
+        if is_async:
+            await method()
+        else:
+            await call_async(method, hook, None)
 
-    def _invoke_sync(self, hook: str, method: Any) -> None:
-        call_sync(method, hook, None)
+    def _invoke_sync(self, hook: str, method: Any, is_async: bool) -> None:
+        if is_async:
+            call_sync(method, hook, None)
+        else:
+            result = method()
+            if result is not None and inspect.isawaitable(result):
+                call_sync(lambda: result, hook, None)
 
     def _after_dispatch(self, hook: str, error: BaseException | None) -> None:
         if error is not None and self.raise_error_on_callback:

@@ -162,7 +162,7 @@ class Composite(RayServeLLMCallback):
             cache[("plan", hook)] = plan
         return plan  # type: ignore[no-any-return]
 
-    async def _invoke_async(self, hook: str, method: Any) -> None:
+    async def _invoke_async(self, hook: str, method: Any, is_async: bool) -> None:
         if method is not None:  # a subclass's own hook runs first
             await call_async(method, hook, None)
         parent = trace.get_current_span()  # the composite's span for this hook
@@ -176,7 +176,7 @@ class Composite(RayServeLLMCallback):
                 error = exc
             self._after_child(hook, child, before, parent, observer, started, error)
 
-    def _invoke_sync(self, hook: str, method: Any) -> None:
+    def _invoke_sync(self, hook: str, method: Any, is_async: bool) -> None:
         if method is not None:
             call_sync(method, hook, None)
         parent = trace.get_current_span()  # the composite's span for this hook

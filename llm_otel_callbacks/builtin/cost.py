@@ -1,0 +1,101 @@
+"""CostTracker: what each request cost, from per-model prices per million tokens.
+
+``callback_kwargs``::
+
+    prices:                       # per model id: price per million input / output tokens
+      my-org/llama-3-8b: {input: 0.05, output: 0.25}
+    default_price: {input: 0.1, output: 0.4}   # optional: models not listed
+    currency: USD
+
+The model looked up is the request's ``model`` (a LoRA adapter can have its own price), then the
+deployment's model id. Totals are kept per replica (``total_cost``, ``costs_by_model``) and
+counted in ``llm_callback_cost_total{model, currency}``; each request span gets
+``llm_callback.cost``. A request with no price is counted in
+``llm_callback_cost_unpriced_requests_total`` (and logged once per model).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from opentelemetry import trace
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import catalog
+from ..base import RayServeLLMCallback
+
+logger = logging.getLogger(__name__)
+
+
+class Price(BaseModel):
+    """Price per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class CostTrackerOptions(BaseModel):
+    """``callback_kwargs`` of :class:`CostTracker`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """Model id -> price per million input/output tokens."""
+    default_price: Price | None = None
+    """Price of models not in ``prices`` (None: such requests are not priced)."""
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+    """ISO 4217 code; a metric label."""
+
+
+class CostTracker(RayServeLLMCallback):
+    """Prices every finished request; totals per replica and as a metric."""
+
+    kwargs_model = CostTrackerOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.total_cost = 0.0
+        self.total_tokens = 0
+        self.request_count = 0
+        self.costs_by_model: dict[str, float] = {}
+        self._unpriced_warned: set[str] = set()
+
+    def price_of(self, model: str) -> Price | None:
+        options: CostTrackerOptions = self.options
+        return options.prices.get(model) or options.default_price
+
+    def cost_of(self, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """Cost of one request, or None when the model has no price."""
+        price = self.price_of(model)
+        if price is None:
+            return None
+        return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+
+    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        base_model = str(kwargs.get("model") or self.model_id)
+        requested = getattr(kwargs.get("request"), "model", None)
+        model = requested if requested and self.price_of(str(requested)) else base_model
+        prompt = int(kwargs.get("prompt_tokens") or 0)
+        completion = int(kwargs.get("completion_tokens") or 0)
+        cost = self.cost_of(model, prompt, completion)
+        tel = self._observer.tel
+        if cost is None:
+            tel.recorder(catalog.COST_UNPRICED).add((model,))
+            if model not in self._unpriced_warned:
+                self._unpriced_warned.add(model)
+                logger.warning("CostTracker: no price for model '%s' (and no default_price)",
+                               model)
+            return
+        currency = self.options.currency
+        self.total_cost += cost
+        self.total_tokens += prompt + completion
+        self.request_count += 1
+        self.costs_by_model[model] = self.costs_by_model.get(model, 0.0) + cost
+        tel.recorder(catalog.COST).add((model, currency), cost)
+        span = trace.get_current_span()  # the request span while a request hook runs
+        if span.is_recording():
+            span.set_attribute(catalog.A_COST, cost)
+            span.set_attribute(catalog.A_CURRENCY, currency)
