@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from .cli_check import add_arguments as _check_args
 from .cli_check import run as _check_run
 
-Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+Command = tuple[str, str, AddArguments, Run]
 
 
 def _commands() -> list[Command]:

@@ -5,6 +5,7 @@ Run ``python -m llm_otel_callbacks._docs`` to rewrite the block between the mark
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def _attribute_docs() -> dict[str, str]:
     tree = ast.parse(inspect.getsource(catalog))
     out: dict[str, str] = {}
     body = tree.body
-    for node, nxt in zip(body, body[1:], strict=False):
+    for node, nxt in itertools.pairwise(body):
         if (
             isinstance(node, ast.Assign)
             and len(node.targets) == 1

@@ -50,5 +50,7 @@ def llm_server_class() -> Any:
     try:
         from ray.serve.llm import LLMServer  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
-        from ray.llm._internal.serve.core.server.llm_server import LLMServer
+        from ray.llm._internal.serve.core.server.llm_server import (  # type: ignore[assignment]
+            LLMServer,
+        )
     return LLMServer

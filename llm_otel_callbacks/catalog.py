@@ -139,7 +139,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = CORE_METRICS + BUILTIN_METRICS
 SPAN_STARTUP = "ray_serve_llm.replica.startup"
 """Root span of one replica's startup; every hook span (in every process) is under it."""
 SPAN_HOOK_PREFIX = "llm_callback "
-"""A hook span is named ``llm_callback <hook>``; a composite child's ``llm_callback <hook> <child>``."""
+"""A hook span is ``llm_callback <hook>``; a composite child's, ``llm_callback <hook> <child>``."""
 SPAN_PHASE_PREFIX = "startup_phase "
 """A Timing phase span is named ``startup_phase <phase>``."""
 
@@ -208,8 +208,12 @@ PHASE_DOWNLOAD_TASK_START = "download_task_start"
 start, imports, unpickling); labelled with that node."""
 PHASE_ENGINE_START = "engine_start"
 """``on_before_engine_start`` -> ``on_after_engine_start``, when a server wrapper calls them."""
+PHASE_TOTAL = "total"
+"""Callback creation -> end of the startup, ok or error: counts every attempt (metric only;
+the startup span is its span)."""
 TIMING_PHASES = (
     PHASE_BEFORE_NODE_INIT, PHASE_NODE_INIT, PHASE_DOWNLOAD_TASK_START, PHASE_ENGINE_START,
+    PHASE_TOTAL,
 )
 
 # DownloadPolicy rules (values of the ``rule`` label and of ``A_RULE``).

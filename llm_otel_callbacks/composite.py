@@ -78,6 +78,7 @@ class Composite(RayServeLLMCallback):
         self.ctx.custom_data.setdefault(name, {})  # the child's namespaced slot
         try:
             if inspect.isclass(target) and issubclass(target, CallbackBase):
+                instance: Any
                 if issubclass(target, RayServeLLMCallback):
                     kwargs["callback_name"] = name
                     if "telemetry" in kwargs:
@@ -85,7 +86,7 @@ class Composite(RayServeLLMCallback):
                             "field 'callback_kwargs.telemetry': telemetry is set once per "
                             "process, on the composite's own callback_kwargs"
                         )
-                instance = target(
+                instance = target(  # type: ignore[call-arg]
                     llm_config=self.llm_config,
                     raise_error_on_callback=policy,
                     ctx_kwargs=None,
@@ -94,6 +95,8 @@ class Composite(RayServeLLMCallback):
                 instance.ctx = self.ctx  # one ctx for all: what a child sets, Ray reads
                 if isinstance(instance, RayServeLLMCallback):
                     instance.startup_owner = self
+                    # Spans a child makes itself (Timing's phases) go where the composite's go.
+                    instance.telemetry_settings = self.telemetry_settings
                 return Child(name, instance, policy, spec.timeout_s)
             if is_seed_protocol(target):
                 return SeedChild(name, target(**kwargs), policy, spec.timeout_s, self.llm_config)
@@ -219,7 +222,11 @@ class Composite(RayServeLLMCallback):
         )
 
     def _record_changes(
-        self, child: Child, before: dict[str, tuple[int, str, Any]], span: trace.Span, parent: trace.Span
+        self,
+        child: Child,
+        before: dict[str, tuple[int, str, Any]],
+        span: trace.Span,
+        parent: trace.Span,
     ) -> None:
         after = _snapshot(self.ctx)
         changes = self._observer.tel.recorder(catalog.CTX_CHANGES)

@@ -112,7 +112,7 @@ def parse_child_specs(entries: list[Any]) -> list[tuple[ChildSpec, Any]]:
                     f"{type(target).__name__}, not a class or a function"
                 )
                 continue
-        name = spec.name or getattr(target, "__name__", type(target).__name__)
+        name = str(spec.name or getattr(target, "__name__", type(target).__name__))
         if name in seen:
             errors.append(
                 f"{label}: field 'name': '{name}' is already used by callbacks[{seen[name]}]; "
@@ -191,7 +191,7 @@ def validate_callback_config(config: Mapping[str, Any] | Any, llm_config: Any = 
     from ray import cloudpickle  # what Ray itself serializes task arguments with
 
     try:
-        cloudpickle.loads(cloudpickle.dumps(callback))
+        cloudpickle.loads(cloudpickle.dumps(callback))  # type: ignore[no-untyped-call]
     except Exception as exc:
         raise CallbackConfigError(
             f"callback_config: {type(callback).__qualname__} does not survive pickling, which "

@@ -100,7 +100,9 @@ class SeedStyleChild:
         _log(ctx, "seed:after")
 
 
-def phase_child(phase: str, llm_config: Any, data: dict[str, Any], tag: str = "fn") -> dict[str, Any]:
+def phase_child(
+    phase: str, llm_config: Any, data: dict[str, Any], tag: str = "fn"
+) -> dict[str, Any]:
     """Phase-function child: sets runtime_env env var names at pre_initialization."""
     data.setdefault("phases", []).append(phase)
     if phase == "pre_initialization":

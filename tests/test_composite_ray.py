@@ -204,7 +204,7 @@ def test_timeouts_sync_and_async(
     import time
 
     t0 = time.monotonic()
-    with pytest.raises(Exception, match="slow_fatal.*did not finish within 0.3s"):
+    with pytest.raises(Exception, match=r"slow_fatal.*did not finish within 0\.3s"):
         start_like_vllm_engine(llm_config)
     assert time.monotonic() - t0 < 4.5  # neither 5 s sleep was waited for
     remove_pg(llm_config.get_or_create_callback())

@@ -126,7 +126,7 @@ def test_hook_error_raise_policy(
         {"telemetry": _telemetry(otlp_receiver.endpoint), "fail_after": True},
         raise_error_on_callback=True,
     )
-    with pytest.raises(Exception, match="on_after_node_init.*after-init exploded"):
+    with pytest.raises(Exception, match=r"on_after_node_init.*after-init exploded"):
         start_like_vllm_engine(llm_config)
     remove_pg(llm_config.get_or_create_callback())
     spans = otlp_receiver.wait_for_spans(

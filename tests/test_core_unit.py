@@ -61,7 +61,8 @@ def test_settings_precedence_kwargs_over_env_over_defaults() -> None:
 
 
 def test_bad_telemetry_settings_name_the_field() -> None:
-    with pytest.raises(CallbackConfigError, match=r"(?s)telemetry.*'protocol'.*grpc.*http/protobuf"):
+    pattern = r"(?s)telemetry.*'protocol'.*grpc.*http/protobuf"
+    with pytest.raises(CallbackConfigError, match=pattern):
         TelemetrySettings.resolve({"protocol": "udp"}, {})
     with pytest.raises(CallbackConfigError, match=r"(?s)'endpiont'"):
         RayServeLLMCallback(llm_config=None, ctx_kwargs={}, telemetry={"endpiont": "x"})

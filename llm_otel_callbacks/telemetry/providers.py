@@ -240,12 +240,12 @@ def get_telemetry(settings: TelemetrySettings) -> Telemetry:
     """This process's telemetry for ``settings``, built on first use."""
     global _STATE_PID
     key = _key(settings)
-    if _STATE_PID == os.getpid():
+    if os.getpid() == _STATE_PID:
         state = _STATES.get(key)
         if state is not None:
             return state
     with _STATE_LOCK:
-        if _STATE_PID != os.getpid():  # a forked child must not reuse its parent's threads
+        if os.getpid() != _STATE_PID:  # a forked child must not reuse its parent's threads
             _STATES.clear()
             _STATE_PID = os.getpid()
         state = _STATES.get(key)
@@ -262,7 +262,7 @@ def get_telemetry(settings: TelemetrySettings) -> Telemetry:
 
 def current_telemetry() -> Telemetry | None:
     """The telemetry built first in this process, if any."""
-    if _STATE_PID != os.getpid():
+    if os.getpid() != _STATE_PID:
         return None
     return next(iter(_STATES.values()), None)
 
@@ -271,7 +271,7 @@ def reset_telemetry() -> None:
     """Shut this process's telemetry down so the next hook builds it anew (tests, reconfig)."""
     global _STATE_PID
     with _STATE_LOCK:
-        states = list(_STATES.values()) if _STATE_PID == os.getpid() else []
+        states = list(_STATES.values()) if os.getpid() == _STATE_PID else []
         _STATES.clear()
         _STATE_PID = None
     for state in states:
@@ -315,7 +315,7 @@ def _process_attributes() -> dict[str, Any]:
     try:
         from ray.serve.context import _get_internal_replica_context
 
-        replica = _get_internal_replica_context()
+        replica = _get_internal_replica_context()  # type: ignore[no-untyped-call]
         if replica is not None:
             attrs[catalog.R_SERVE_APP] = replica.app_name
             attrs[catalog.R_SERVE_DEPLOYMENT] = replica.deployment
