@@ -249,3 +249,40 @@ def test_dead_or_slow_collector_never_slows_hooks(
     finally:
         if hole:
             hole.close()
+
+
+# --- several nodes on this machine (keep after every ray_local test: one Ray per driver) ---
+
+
+@pytest.mark.cluster
+def test_download_hook_on_every_node_joins_one_trace(
+    ray_two_nodes, tiny_model_dir: Path, otlp_receiver: OtlpHttpReceiver, tmp_path: Path
+) -> None:
+    llm_config = make_llm_config(
+        tiny_model_dir,
+        "tests.callbacks_for_tests.RecordingCallback",
+        {"telemetry": _telemetry(otlp_receiver.endpoint), "report_dir": str(tmp_path)},
+        bundles=[{"CPU": 1}, {"CPU": 1}],
+        strategy="STRICT_SPREAD",
+    )
+    callback = start_like_vllm_engine(llm_config)
+    remove_pg(callback)
+    spans = otlp_receiver.wait_for_spans(
+        lambda ss: sum(s.attributes.get(catalog.A_HOOK) == HOOKS[1] for s in ss) == 2
+        and any(s.name == catalog.SPAN_STARTUP for s in ss),
+        timeout=90,
+    )
+    root = next(s for s in spans if s.name == catalog.SPAN_STARTUP)
+    downloads = [s for s in spans if s.attributes.get(catalog.A_HOOK) == HOOKS[1]]
+    nodes = {s.resource_attributes[catalog.R_RAY_NODE] for s in downloads}
+    assert nodes == {n.node_id for n in ray_two_nodes.nodes}  # one task per node
+    assert {s.trace_id for s in downloads} == {root.trace_id}
+    assert all(s.parent_span_id == root.span_id for s in downloads)
+    assert len(list(tmp_path.glob("download-*.txt"))) == 2
+    # Each node's metrics agent exports its own task's hook metrics.
+    calls = catalog.HOOK_CALLS.exposed_name(ray=True)
+    for node in ray_two_nodes.nodes:
+        wait_for_metric(
+            node.metrics_url, calls,
+            lambda ss: any(lb.get("hook") == HOOKS[1] for lb, _ in ss), timeout=60,
+        )
