@@ -109,7 +109,7 @@ STARTUP_PHASE_DURATION = MetricSpec(
 )
 REPLICAS_STARTING = MetricSpec(
     "llm_callback_replicas_starting", "gauge", "1",
-    "Replicas of this process between callback creation and the end of startup (Timing).",
+    "Replicas between on_before_node_init and the end of their startup (Timing).",
     (L_MODEL,),
 )
 DOWNLOAD_DECISIONS = MetricSpec(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -37,3 +39,41 @@ def error_text(error: BaseException | str | None, with_message: bool) -> str:
     if isinstance(error, str):
         return error
     return f"{type(error).__name__}: {error}" if with_message else type(error).__name__
+
+
+# --- process exit -------------------------------------------------------------------------------
+# At exit, Ray's log filter (it asks the core worker for task ids) can block forever in an
+# exiting Ray worker, so what the built-ins say while the process exits goes to stderr.
+
+_EXITING = False
+_WATCHING = False
+
+
+def _mark_exiting() -> None:
+    global _EXITING
+    _EXITING = True
+
+
+def watch_exit() -> None:
+    """Call once telemetry exists: atexit runs handlers last-in first-out, so this flag is set
+    before telemetry's own exit handler ends the open startups."""
+    global _WATCHING
+    if not _WATCHING:
+        _WATCHING = True
+        atexit.register(_mark_exiting)
+
+
+def exiting() -> bool:
+    return _EXITING
+
+
+def say(log: logging.Logger, level: int, message: str) -> None:
+    """Log ``message`` on ``log``; while the process exits, write it to stderr instead."""
+    if _EXITING:
+        try:
+            sys.stderr.write(f"{logging.getLevelName(level)} llm_otel_callbacks: {message}\n")
+            sys.stderr.flush()
+        except Exception:
+            pass
+        return
+    log.log(level, "%s", message)

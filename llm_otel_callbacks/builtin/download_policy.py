@@ -22,7 +22,7 @@ import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from opentelemetry import trace
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -92,7 +92,7 @@ class DownloadPolicy(RayServeLLMCallback):
     label).
     """
 
-    kwargs_model = DownloadPolicyOptions
+    kwargs_model: ClassVar[type[BaseModel] | None] = DownloadPolicyOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

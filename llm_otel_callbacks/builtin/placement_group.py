@@ -12,22 +12,22 @@ What ``ctx.placement_group`` drives in Ray 2.60 (read from its source):
 The replica actor itself stays in the replica's own group (Serve made it; bundle 0 holds the
 replica), which keeps its reservation: a custom group reserves resources *in addition*.
 
-Lifetime: a group this callback created is removed when the replica's startup fails, by
-:meth:`CustomPlacementGroup.release`, and at a clean process exit; Ray also removes it when the
-replica actor dies (Serve replicas are detached actors, and a group fate-shares with the
-detached actor that created it). A group it found by name is never removed, nor is the
-replica's own group.
+Lifetime: a group this callback created is removed when the replica's startup fails (or its
+wait times out), or when :meth:`CustomPlacementGroup.release` is called. Otherwise Ray removes
+it with its creator: a Serve replica is a detached actor, and a group created by a detached
+actor is removed when that actor dies, however it dies. (Created from a driver or a
+non-detached actor, a group lives until the job ends.) Nothing is removed from inside an
+exiting process: Ray calls can block there. A group found by name is never removed, nor is
+the replica's own group.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import logging
-import threading
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import ray
 from opentelemetry import trace
@@ -42,7 +42,7 @@ from ray.util.placement_group import (
 
 from .. import catalog
 from ..base import RayServeLLMCallback
-from ._common import short_id, upper_name
+from ._common import exiting, short_id, upper_name, watch_exit
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ class CustomPlacementGroup(RayServeLLMCallback):
     * :meth:`acquire` -- find or create the group (returns it and whether we created it);
     * :meth:`diagnose` -- the message of the timeout error;
     * :meth:`release` -- remove the group if this callback created it (call it from your own
-      shutdown code when the engine is gone; failures and process exit call it already).
+      shutdown code when the engine is gone; a failed startup calls it already).
     """
 
-    kwargs_model = PlacementGroupOptions
+    kwargs_model: ClassVar[type[BaseModel] | None] = PlacementGroupOptions
 
     # --- override points ----------------------------------------------------------------------
 
@@ -148,7 +148,7 @@ class CustomPlacementGroup(RayServeLLMCallback):
             return
         pg, created = held
         if created:
-            _remove_created(pg)
+            _remove_group(pg)
 
     # --- hooks --------------------------------------------------------------------------------
 
@@ -156,9 +156,8 @@ class CustomPlacementGroup(RayServeLLMCallback):
         opts: PlacementGroupOptions = self.options
         held = self.process_cache.get(_HELD)
         if held is None:
+            watch_exit()
             held = self.acquire()
-            if held[1]:
-                _register_created(held[0])
             self.process_cache[_HELD] = held
         pg, created = held
         started = time.monotonic()
@@ -180,7 +179,7 @@ class CustomPlacementGroup(RayServeLLMCallback):
             "CustomPlacementGroup: model '%s': placement group %s (%s, %s) ready after %.2fs; "
             "the replica's own group %s stays reserved",
             self.model_id, pg.id.hex()[:16], "created" if created else "reused", strategy,
-            waited, previous.id.hex()[:16] if previous is not None else "-",
+            waited, _short_pg(previous),
         )
 
     def startup_ended(self, error: BaseException | str | None) -> None:
@@ -215,26 +214,14 @@ class CustomPlacementGroup(RayServeLLMCallback):
             span.set_attribute(catalog.A_PG_REPLACED, previous.id.hex())
 
 
-# --- groups created here: removed on failure and at a clean exit --------------------------------
-
-_CREATED: dict[str, PlacementGroup] = {}
-_CREATED_LOCK = threading.Lock()
-_EXIT_HOOKED = False
+# --- removal ------------------------------------------------------------------------------------
 
 
-def _register_created(pg: PlacementGroup) -> None:
-    global _EXIT_HOOKED
-    with _CREATED_LOCK:
-        _CREATED[pg.id.hex()] = pg
-        if not _EXIT_HOOKED:
-            # Registered after ray.init, so it runs before Ray's own exit handler disconnects.
-            atexit.register(_remove_all_created)
-            _EXIT_HOOKED = True
-
-
-def _remove_created(pg: PlacementGroup) -> None:
-    with _CREATED_LOCK:
-        _CREATED.pop(pg.id.hex(), None)
+def _remove_group(pg: PlacementGroup) -> None:
+    if exiting():
+        # Ray calls can block forever in an exiting worker; Ray's own fate-sharing removes
+        # the group with its creator (see the module docstring).
+        return
     try:
         if ray.is_initialized():
             remove_placement_group(pg)
@@ -242,11 +229,9 @@ def _remove_created(pg: PlacementGroup) -> None:
         logger.debug("CustomPlacementGroup: remove %s: %s", pg.id.hex()[:16], exc)
 
 
-def _remove_all_created() -> None:
-    with _CREATED_LOCK:
-        groups = list(_CREATED.values())
-    for pg in groups:
-        _remove_created(pg)
+def _short_pg(pg: Any) -> str:
+    pg_id = getattr(pg, "id", None)
+    return pg_id.hex()[:16] if pg_id is not None else "-"
 
 
 def _named_group(name: str) -> PlacementGroup | None:

@@ -4,19 +4,21 @@ Each phase of one replica's startup becomes a span (``startup_phase <phase>``, u
 replica's startup span) and a point of ``llm_callback_startup_phase_duration_seconds``
 labelled by phase, node and outcome. Built-in phases (names in :mod:`..catalog`):
 
-===========================  ==========================================================  =====
-phase                        from -> to                                                  where
-===========================  ==========================================================  =====
-``before_node_init``         callback created -> ``on_before_node_init``                 replica
-``node_init``                ``on_before_node_init`` -> ``on_after_node_init``           replica
-``download_task_start``      ``on_before_node_init`` -> that node's download hook starts  node
-``engine_start``             ``on_before_engine_start`` -> ``on_after_engine_start``     replica
-===========================  ==========================================================  =====
+=======================  =======================================================  =======
+phase                    from -> to                                               where
+=======================  =======================================================  =======
+``before_node_init``     callback created -> ``on_before_node_init``              replica
+``node_init``            ``on_before_node_init`` -> ``on_after_node_init``        replica
+``download_task_start``  ``on_before_node_init`` -> that node's download hook     node
+``engine_start``         ``on_before_engine_start`` -> ``on_after_engine_start``  replica
+``total``                callback created -> end of the startup (metric only)     replica
+=======================  =======================================================  =======
 
 Nothing waits for ``on_after_node_init``: a replica whose startup fails (a hook raising, the
 process exiting, or a server wrapper calling ``end_startup(error)``) gets its open phases ended
-with an error status in :meth:`Timing.startup_ended`, and the failed attempt is counted with
-``outcome="error"``. One summary line per replica is logged when its startup ends.
+with an error status in :meth:`Timing.startup_ended`, and the attempt is counted in the
+``total`` phase with ``outcome="error"``. One summary line per replica is logged when its
+startup ends.
 
 ``download_task_start`` is measured in the download task's process: its start is the replica's
 clock (carried in the pickle), its end that node's clock, so on a real cluster it includes the
@@ -28,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -37,7 +39,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .. import catalog
 from ..base import RayServeLLMCallback
-from ._common import error_text, short_id, this_node_id, upper_name
+from ._common import error_text, say, short_id, this_node_id, upper_name, watch_exit
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class Timing(RayServeLLMCallback):
     * :meth:`summary_line` -- the text of the per-replica log line.
     """
 
-    kwargs_model = TimingOptions
+    kwargs_model: ClassVar[type[BaseModel] | None] = TimingOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -116,15 +118,17 @@ class Timing(RayServeLLMCallback):
         outcome = catalog.OUTCOME_OK if error is None else catalog.OUTCOME_ERROR
         try:
             self._phase_span(name, start_ns, end_ns, node, error)
-            tel = self._observer.tel
-            tel.recorder(catalog.STARTUP_PHASE_DURATION).record(
-                (self.model_id, name, node or "", outcome), seconds
-            )
+            self._phase_metric(name, seconds, node, outcome)
             done: list[PhaseRecord] = self.process_cache.setdefault(_DONE, [])
             done.append(PhaseRecord(name, seconds, node, outcome))
         except Exception as exc:  # telemetry must never hurt the startup
-            logger.warning("Timing: could not record phase %s: %s", name, exc)
+            say(logger, logging.WARNING, f"Timing: could not record phase {name}: {exc}")
         return seconds
+
+    def _phase_metric(self, name: str, seconds: float, node: str | None, outcome: str) -> None:
+        self._observer.tel.recorder(catalog.STARTUP_PHASE_DURATION).record(
+            (self.model_id, name, node or "", outcome), seconds
+        )
 
     def _phase_span(
         self, name: str, start_ns: int, end_ns: int, node: str | None,
@@ -179,6 +183,7 @@ class Timing(RayServeLLMCallback):
     def on_before_node_init(self) -> None:
         now = time.time_ns()
         self.node_init_started_ns = now  # travels to the nodes with the pickle
+        watch_exit()
         self._phase_parent()  # opens the startup trace before the pickle carries it
         if not self.process_cache.get(_COUNTED):
             self.process_cache[_COUNTED] = True
@@ -217,18 +222,20 @@ class Timing(RayServeLLMCallback):
         for name in list(open_phases):
             # Without an error, a phase still open simply ends with the startup.
             self._finish(name, now, error)
-        if error is not None and not self.process_cache.get(_DONE):
-            # Failed before our first hook ran: count the attempt all the same.
-            self.record_phase(catalog.PHASE_BEFORE_NODE_INIT, self.created_at_ns, now, error=error)
+        total = (now - self.created_at_ns) / 1e9
+        outcome = catalog.OUTCOME_OK if error is None else catalog.OUTCOME_ERROR
+        try:
+            self._phase_metric(catalog.PHASE_TOTAL, total, None, outcome)
+        except Exception as exc:
+            say(logger, logging.WARNING, f"Timing: could not record the total: {exc}")
         if self.process_cache.pop(_COUNTED, False):
             self._starting_gauge(-1)
         options: TimingOptions = self.options
         if options.log_summary:
-            total = (now - self.created_at_ns) / 1e9
             level = logging.getLevelName(options.summary_log_level)
             if error is not None or (options.warn_after_s and total > options.warn_after_s):
                 level = logging.WARNING
-            logger.log(level, "%s", self.summary_line(total, error))
+            say(logger, level, self.summary_line(total, error))
 
     def summary_line(self, total_s: float, error: BaseException | str | None) -> str:
         """The per-replica summary, e.g. ``Timing: replica of model 'm' started in 41.2s:
@@ -255,4 +262,4 @@ class Timing(RayServeLLMCallback):
         try:
             self._observer.tel.recorder(catalog.REPLICAS_STARTING).add((self.model_id,), delta)
         except Exception as exc:
-            logger.warning("Timing: replicas_starting gauge not updated: %s", exc)
+            say(logger, logging.WARNING, f"Timing: replicas_starting gauge not updated: {exc}")
