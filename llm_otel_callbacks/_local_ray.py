@@ -18,6 +18,7 @@ Environment changes are made in ``os.environ`` (Ray's processes inherit them) an
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -45,7 +46,10 @@ def _refresh_auth_cache() -> None:
     """Ray caches the auth mode and token per process (C++): re-read them after a change, so
     a second Ray in the same process (tests) works."""
     try:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import (  # type: ignore[attr-defined]
+            AuthenticationTokenLoader,
+            Config,
+        )
     except ImportError:  # a Ray without token auth
         return
     Config.initialize("")
@@ -127,6 +131,7 @@ def start_local_ray(
     env: Mapping[str, str] | None = None,
     runtime_env: Mapping[str, Any] | None = None,
     system_config: Mapping[str, Any] | None = None,
+    logging_level: int = logging.INFO,
 ) -> LocalRay:
     """``ray.init`` a fresh single-node Ray whose session and token live under ``folder``.
 
@@ -169,6 +174,7 @@ def start_local_ray(
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,
+            logging_level=logging_level,
             _temp_dir=str(temp_root / "ray"),
             _metrics_export_port=port,
             _system_config=dict(system_config or {}),

@@ -32,7 +32,7 @@ class HookObserver:
     Attribute dicts and metric label tuples are built once per hook name and reused.
     """
 
-    __slots__ = ("_attrs", "_duration", "_calls", "_tracer", "class_name", "model", "name", "tel")
+    __slots__ = ("_attrs", "_calls", "_duration", "_tracer", "class_name", "model", "name", "tel")
 
     def __init__(self, tel: Telemetry, name: str, class_name: str, model: str) -> None:
         self.tel = tel

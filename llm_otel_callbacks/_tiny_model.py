@@ -124,6 +124,10 @@ def _build_tokenizer(out: Path) -> int:
 def _build_model(out: Path, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # No "Writing model shards" progress bar in the demo's output.
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     config = LlamaConfig(
         vocab_size=vocab_size,

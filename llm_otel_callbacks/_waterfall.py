@@ -177,7 +177,7 @@ def _fmt_tick(value: float) -> str:
 
 def _bar(start: float, end: float, width: int, unicode: bool) -> str:
     """Cells ``[start, end)`` (fractions of cells allowed), at least one eighth wide."""
-    first = min(width - 1, int(math.floor(start)))
+    first = min(width - 1, math.floor(start))
     end = max(end, first + 0.125)
     cells = [" "] * width
     for i in range(first, width):
@@ -197,16 +197,17 @@ def render_waterfall(trace: StartupTrace, width: int = 100, unicode: bool = True
     t0 = min(s.start_ns for _, s in rows)
     t1 = max(s.end_ns for _, s in rows)
     total = max((t1 - t0) / 1e9, 1e-3)
-    label_w = min(44, max(len("  " * d + _label(s)) for d, s in rows) + 1)
-    bar_w = max(20, width - label_w - 16)
+    label_w = min(50, max(len("  " * d + _label(s)) for d, s in rows) + 1)
+    prefix_w = label_w + 17  # label, start and took columns
+    bar_w = max(20, width - prefix_w - 2)  # 2: room for the failure flag
     scale = bar_w / total
     step = _tick_step(total, bar_w)
 
-    axis = [" "] * (bar_w + 8)
+    axis = [" "] * max(bar_w, width - prefix_w)
     tick = 0.0
     while tick <= total + 1e-9:
         text = _fmt_tick(tick)
-        col = int(round(tick * scale))
+        col = round(tick * scale)
         if col + len(text) <= len(axis):
             axis[col:col + len(text)] = list(text)
         tick += step

@@ -267,6 +267,18 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
                         record_message=self.telemetry_settings.record_exception_messages)
         if error is not None or method_name == STARTUP_LAST_HOOK:
             self._after_dispatch(method_name, error)
+        if method_name == STARTUP_LAST_HOOK and self._local is not None:
+            follow_up = self._local.cache.pop(_AFTER_NODE_INIT, None)
+            if follow_up is not None:
+                await follow_up()
+
+    def call_after_node_init(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Await ``fn`` in this process right after the ``on_after_node_init`` dispatch.
+
+        Ray's engine start has no await point of ours between node init and building the
+        engine; ObservedLLMServer begins the engine-start phase here. Kept per process
+        (never pickled); an error ``fn`` raises leaves Ray's engine start like a hook's."""
+        self.process_cache[_AFTER_NODE_INIT] = fn
 
     def run_callback_sync(self, method_name: str) -> None:
         """Ray's sync dispatch, with a span and metrics, and async hooks run correctly even

@@ -22,3 +22,22 @@ __all__ = [
     "Timing",
     "TimingOptions",
 ]
+
+# Request-time built-ins (their hooks run under llm_otel_callbacks.serve.ObservedLLMServer).
+from .cost import CostTracker, CostTrackerOptions, Price
+from .progress import StreamingProgress, StreamingProgressOptions
+from .rate_limit import RateLimiter, RateLimiterOptions, RateLimitExceeded
+from .tokens import TokenCounter, TokenCounterOptions
+
+__all__ += [
+    "CostTracker",
+    "CostTrackerOptions",
+    "Price",
+    "RateLimitExceeded",
+    "RateLimiter",
+    "RateLimiterOptions",
+    "StreamingProgress",
+    "StreamingProgressOptions",
+    "TokenCounter",
+    "TokenCounterOptions",
+]

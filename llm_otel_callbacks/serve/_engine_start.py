@@ -55,7 +55,7 @@ class EngineStart:
 
     def arm(self) -> bool:
         """Hook the phase onto node init's end; False when that is not possible."""
-        if not self.ours:
+        if not self.ours or not hasattr(self.callback, "call_after_node_init"):
             return False
         self.callback.defer_startup_end()
         self.callback.call_after_node_init(self.begin)

@@ -57,10 +57,14 @@ from ..telemetry.providers import Telemetry
 
 logger = logging.getLogger(__name__)
 
-_DONE_MARK = "["  # "data: [DONE]"
 _ERROR_PREFIX = 'data: {"error"'
 _USAGE_ONLY = '"choices":[]'  # the final usage chunk has no choices
 _PREFIX_LEN = len("data: ")
+_CONTENT, _USAGE, _ERROR, _DONE, _OTHER = range(5)
+
+#: Extra field of an ErrorResponse's ``error`` holding the exact body for the client (read by
+#: ObservedOpenAiIngress; Ray's own ingress uses only message, type and code).
+RESPONSE_FIELD = "llm_otel_response"
 
 ErrorResponseFactory = Callable[[int, str, str, dict[str, Any]], Any]
 """(status_code, message, error_type, extra fields) -> the engine's ErrorResponse object."""
@@ -159,7 +163,11 @@ class RequestObserver:
         self, op: str, method: Callable[..., AsyncIterator[Any]], request: Any, raw: Any
     ) -> AsyncGenerator[Any, None]:
         """The engine method's generator, observed (``op``: chat, completions, embeddings)."""
-        rec = self._begin(op, request, raw)
+        try:
+            rec = self._begin(op, request, raw)
+        except Exception as exc:  # the telemetry path never fails a request
+            logger.warning("llm_otel_callbacks: request not observed: %s", exc)
+            return method(request, raw)  # type: ignore[return-value]
         if rec.stream:
             return self._observe_stream(rec, method, request, raw)
         return self._observe_once(rec, method, request, raw)
@@ -224,8 +232,20 @@ class RequestObserver:
             return await self._reject(rec, rejection)
         except ChildHookError as exc:
             await self._fail(rec, exc, "hook_error")
-            return self._error_response(500, str(exc), "InternalServerError", {})
+            return self._hook_failure(exc)
         return None
+
+    def _hook_failure(self, exc: ChildHookError) -> Any:
+        """The error response of a request a raise-policy hook failed: it names the target
+        and the hook (and the error's message, unless messages are kept out of telemetry)."""
+        cause = exc.__cause__
+        message = (
+            str(exc) if self._record_message or cause is None
+            else f"callback '{exc.child}' failed in hook '{exc.hook}': {type(cause).__name__}"
+        )
+        body = {"error": {"message": message, "type": "callback_error", "param": None,
+                          "code": 500}}
+        return self._error_response(500, message, "InternalServerError", {RESPONSE_FIELD: body})
 
     async def _reject(self, rec: _Record, rejection: RequestRejected) -> Any:
         by = rejection.rejected_by or ""
@@ -240,7 +260,7 @@ class RequestObserver:
         except Exception as exc:
             logger.debug("rejection not recorded: %s", exc)
         await self._fail(rec, rejection, type(rejection).__name__, status=rejection.status_code)
-        extra: dict[str, Any] = {"llm_otel_rejection": rejection.body()}
+        extra: dict[str, Any] = {RESPONSE_FIELD: rejection.body()}
         if rejection.retry_after_s is not None:
             extra["retry_after_s"] = rejection.retry_after_s
         message = rejection.message
@@ -295,7 +315,7 @@ class RequestObserver:
                 await self._hooks(rec, ON_END, self.hooks.end, response, self._end_kwargs(rec))
             except ChildHookError as exc:
                 await self._fail(rec, exc, "hook_error")
-                return self._error_response(500, str(exc), "InternalServerError", {})
+                return self._hook_failure(exc)
         self._succeeded(rec)
         return None
 
@@ -315,6 +335,9 @@ class RequestObserver:
         if chunk_hooks:
             rec.text = []
         gen = method(request, raw)
+        n = 0  # content chunks so far (locals: this loop runs once per chunk)
+        last: str | None = None
+        first: float | None = None
         try:
             async for item in gen:
                 if item.__class__ is not str:  # an error (or a response) instead of a stream
@@ -323,40 +346,50 @@ class RequestObserver:
                         await self._fail(rec, error, error.error_type, status=error.status_code)
                     yield item
                     continue
-                mark = item[_PREFIX_LEN:_PREFIX_LEN + 1]
-                if mark == "{":
-                    if _USAGE_ONLY in item:
+                # The usual chunk: vLLM writes "id" first and "choices" last. Anything else
+                # (the usage chunk, an error, [DONE], another layout) takes the careful path.
+                if item[8:9] == "i" and item[-4] == "]":
+                    kind = _CONTENT
+                else:
+                    kind = _kind_of(item)
+                    if kind == _USAGE:
                         rec.tokens_end = time.perf_counter()
                         _read_usage(rec, item)
                         if drop_usage:
                             continue
-                    elif item.startswith(_ERROR_PREFIX):
+                    elif kind == _ERROR:
                         rec.error = _stream_error(item)
-                    else:
-                        if rec.first is None:
-                            rec.first = time.perf_counter()
-                        rec.chunks += 1
-                        rec.last = item
-                        if chunk_hooks:
-                            item = await self._chunk(rec, item, strip_usage)
-                elif mark == _DONE_MARK and not rec.done:
-                    failure = await self._end_stream(rec)
-                    if failure is not None:
-                        yield failure
+                    elif kind == _DONE and not rec.done:
+                        rec.chunks, rec.last = n, last
+                        failure = await self._end_stream(rec)
+                        if failure is not None:
+                            yield failure
+                if kind == _CONTENT:
+                    if first is None:
+                        first = rec.first = time.perf_counter()
+                    n += 1
+                    last = item
+                    if chunk_hooks:
+                        rec.chunks = n
+                        item = await self._chunk(rec, item, strip_usage)
                 yield item
         except (GeneratorExit, asyncio.CancelledError):
+            rec.chunks, rec.last = n, last
             self._cancelled(rec)
             raise
         except ChildHookError as exc:  # a stream-chunk hook with the raise policy
+            rec.chunks, rec.last = n, last
             await self._fail(rec, exc, "hook_error")
             yield _sse_error(500, str(exc), "InternalServerError")
             yield "data: [DONE]\n\n"
         except Exception as exc:
+            rec.chunks, rec.last = n, last
             await self._fail(rec, exc, type(exc).__name__)
             raise
         finally:
             await _close(gen)  # stops the engine's work when we stop early
         if not rec.done:  # the engine ended without [DONE]
+            rec.chunks, rec.last = n, last
             await self._end_stream(rec)
 
     def _ask_for_usage(self, request: Any, continuous: bool) -> tuple[bool, bool]:
@@ -599,15 +632,16 @@ def _prompt_of(op: str, request: Any) -> Any:
 
 
 def _sampling_attributes(request: Any, attrs: dict[str, Any]) -> None:
-    max_tokens = getattr(request, "max_completion_tokens", None) or getattr(
-        request, "max_tokens", None
-    )
+    # Read the stored values: vLLM marks max_tokens deprecated, and reading it through the
+    # attribute warns on every request.
+    values = getattr(request, "__dict__", {})
+    max_tokens = values.get("max_completion_tokens") or values.get("max_tokens")
     if isinstance(max_tokens, int):
         attrs[catalog.A_GENAI_MAX_TOKENS] = max_tokens
-    temperature = getattr(request, "temperature", None)
+    temperature = values.get("temperature")
     if isinstance(temperature, (int, float)):
         attrs[catalog.A_GENAI_TEMPERATURE] = float(temperature)
-    top_p = getattr(request, "top_p", None)
+    top_p = values.get("top_p")
     if isinstance(top_p, (int, float)):
         attrs[catalog.A_GENAI_TOP_P] = float(top_p)
 
@@ -642,6 +676,20 @@ def _stream_error(item: str) -> ResponseError:
         )
     except Exception:
         return ResponseError("stream error", status_code=500, error_type="StreamError")
+
+
+def _kind_of(item: str) -> int:
+    """What a stream item is, whatever its key order (the slow path)."""
+    mark = item[_PREFIX_LEN:_PREFIX_LEN + 1]
+    if mark == "{":
+        if _USAGE_ONLY in item or '"choices": []' in item:  # compact (vLLM) or spaced JSON
+            return _USAGE
+        if item.startswith(_ERROR_PREFIX):
+            return _ERROR
+        return _CONTENT
+    if mark == "[":
+        return _DONE
+    return _OTHER
 
 
 def _read_usage(rec: _Record, item: str) -> None:

@@ -1,9 +1,10 @@
-"""ObservedOpenAiIngress: Ray's OpenAI ingress, answering a rejected request the way OpenAI does.
+"""ObservedOpenAiIngress: Ray's OpenAI ingress, answering refused requests the way OpenAI does.
 
 A request hook's rejection (e.g. :class:`~llm_otel_callbacks.builtin.RateLimiter`) reaches the
-ingress as the engine's error response with HTTP code 429. Ray's own ingress turns any such
-response into a JSON error with that status but no headers and its own wrapped message; this
-one answers with the OpenAI-style body the hook chose and a ``Retry-After`` header::
+ingress as the engine's error response with HTTP code 429, a raise-policy hook failure as one
+with 500. Ray's own ingress turns such a response into a JSON error with that status but no
+headers, its own wrapped message, and for a 500 only "Internal Server Error"; this one answers
+with the OpenAI-style body the server chose and, for a rejection, a ``Retry-After`` header::
 
     build_openai_app({
         "llm_configs": [llm_config],
@@ -28,8 +29,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from starlette.responses import JSONResponse, Response
 
-#: Extra field of the ErrorInfo that carries the rejection's own body.
-REJECTION_FIELD = "llm_otel_rejection"
+from ._requests import RESPONSE_FIELD
 
 
 class _Refusal(Exception):
@@ -51,7 +51,7 @@ def _refusal_in(item: Any) -> _Refusal | None:
     first = item[0] if isinstance(item, list) and item else item
     info = getattr(first, "error", None)
     extra = getattr(info, "model_extra", None) or {}
-    body = extra.get(REJECTION_FIELD)
+    body = extra.get(RESPONSE_FIELD)
     if not isinstance(body, dict):
         return None
     retry = extra.get("retry_after_s")
