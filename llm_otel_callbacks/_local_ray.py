@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Mapping
@@ -31,15 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._ports import free_port
+
 MARKER_VAR = "LLM_OTEL_LOCAL_RAY_RUN"
 # AF_UNIX socket paths must stay under 108 bytes; Ray adds about 65 after its temp dir.
 _MAX_TEMP_LEN = 40
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _refresh_auth_cache() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,18 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._ports import free_port
+
 INSTALL_HINT = "sudo apt-get install prometheus   (Debian/Ubuntu; it brings promtool too)"
 
 
 def find_binary(name: str = "prometheus") -> str | None:
     """Path of ``prometheus`` / ``promtool`` on PATH (Debian puts both in /usr/bin)."""
     return shutil.which(name)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PrometheusError(RuntimeError):
@@ -153,7 +148,7 @@ def start_prometheus(
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
     write_config(config, targets, scrape_interval_s)
-    port = port or _free_port()
+    port = port or free_port()
     log_path = workdir / "prometheus.log"
     log = log_path.open("ab")
     cmd = [

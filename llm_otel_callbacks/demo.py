@@ -31,7 +31,8 @@ from typing import Any, TextIO
 
 from . import catalog
 from ._console import Console, Step
-from ._local_ray import LocalRay, free_port, start_local_ray
+from ._local_ray import LocalRay, start_local_ray
+from ._ports import free_port
 from ._prometheus import INSTALL_HINT, PrometheusServer, find_binary, start_prometheus
 from ._promql import VLLM_SUCCESS
 from ._ray import CallbackConfig

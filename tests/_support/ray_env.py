@@ -24,7 +24,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 import time
 import urllib.error
@@ -33,6 +32,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from llm_otel_callbacks._ports import free_port, free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,27 +49,6 @@ Samples = list[tuple[dict[str, str], float]]
 # <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store.<n> (~65 bytes
 # after <temp>), so a longer temp dir is replaced by a short one under /tmp.
 _MAX_RAY_TEMP_LEN = 40
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct free ports (all held open together while picking)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def worker_pythonpath() -> str:
