@@ -29,6 +29,14 @@ def validate_kwargs(model: type[M], data: Mapping[str, Any] | None, where: str) 
 def describe(exc: ValidationError, where: str) -> str:
     lines = [f"{where}: invalid configuration"]
     for err in exc.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        loc = ".".join(clip(str(p)) for p in err["loc"]) or "(root)"
         lines.append(f"  - field '{loc}': {err['msg']}")
     return "\n".join(lines)
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """A name for an error message: printable, and short even when the input is huge (an
+    unknown key of a megabyte must not become a megabyte log line)."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} chars)"

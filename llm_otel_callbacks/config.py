@@ -21,7 +21,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ._validation import CallbackConfigError, describe
+from ._validation import CallbackConfigError, clip, describe
+
+#: Longest timeout a child may set: a week. Larger values (and inf) overflow the thread
+#: join and event-loop timers the dispatch uses, which would fail at hook time, not here.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+#: A child's name is a metric label, a span-name suffix and a ctx.custom_data key.
+MAX_NAME_LENGTH = 128
+
+
+def _dotted(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
 
 
 class ChildSpec(BaseModel):
@@ -34,9 +44,24 @@ class ChildSpec(BaseModel):
     callback_kwargs: dict[str, Any] = Field(default_factory=dict)
     raise_error_on_callback: bool | None = None
     """Default: the composite's own ``raise_error_on_callback``."""
-    timeout_s: float | None = Field(default=None, gt=0)
-    name: str | None = Field(default=None, min_length=1)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_LENGTH)
     """Default: the class (or function) name. Must be unique in the composite."""
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        # pydantic reads True as 1.0: a timeout of "true" is a mistake, not one second.
+        if isinstance(value, bool):
+            raise ValueError("must be a number of seconds, not a boolean")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or not value.isprintable()):
+            raise ValueError("must be printable and not blank")
+        return value
 
     @field_validator("callback_class")
     @classmethod
@@ -61,23 +86,37 @@ class CompositeOptions(BaseModel):
 
 
 def import_object(path: str) -> Any:
-    """Import ``pkg.mod.Name`` or ``pkg.mod:Name``; errors say what was missing."""
+    """Import ``pkg.mod.Name`` or ``pkg.mod:Name``; errors say what was missing.
+
+    Every failure is an :class:`ImportError` (a relative or malformed path, or a module that
+    raises while it is imported, would otherwise surface as TypeError, ValueError, ...).
+    """
     if ":" in path:
         module_name, _, attr = path.partition(":")
     else:
         module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ImportError(f"'{path}' is not a dotted path like 'package.module.Name'")
+    if not _dotted(module_name) or not _dotted(attr):
+        raise ImportError(
+            f"'{clip(path)}' is not an absolute dotted path like 'package.module.Name'"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImportError(f"cannot import module '{module_name}': {exc}") from None
+        raise ImportError(
+            f"cannot import module '{clip(module_name)}': {clip(str(exc), 200)}"
+        ) from None
+    except Exception as exc:  # the module itself failed while being imported
+        raise ImportError(
+            f"importing module '{clip(module_name)}' failed: {type(exc).__name__}: {exc}"
+        ) from exc
     try:
         obj = module
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError:
-        raise ImportError(f"module '{module_name}' has no attribute '{attr}'") from None
+        raise ImportError(
+            f"module '{clip(module_name)}' has no attribute '{clip(attr)}'"
+        ) from None
     return obj
 
 
@@ -108,7 +147,7 @@ def parse_child_specs(entries: list[Any]) -> list[tuple[ChildSpec, Any]]:
                 continue
             if not callable(target):
                 errors.append(
-                    f"{label}: field 'callback_class': '{spec.callback_class}' is a "
+                    f"{label}: field 'callback_class': '{clip(spec.callback_class)}' is a "
                     f"{type(target).__name__}, not a class or a function"
                 )
                 continue
@@ -134,7 +173,8 @@ def _entry_label(index: int, entry: Any) -> str:
         name = entry
     if name is not None and not isinstance(name, str):
         name = getattr(name, "__name__", None)
-    return f"callbacks[{index}]" + (f" ({name})" if name else "")
+    return f"callbacks[{index}]" + (f" ({clip(name)})" if name else "")
+
 
 
 # --- offline validation --------------------------------------------------------------------
@@ -188,15 +228,33 @@ def validate_callback_config(config: Mapping[str, Any] | Any, llm_config: Any = 
             f"callback_config: constructing {getattr(cls, '__qualname__', cls)} failed: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    from ray import cloudpickle  # what Ray itself serializes task arguments with
+    from ._pickling import pickle_error, unpicklable_attributes
+
+    failed: dict[str, str] = getattr(callback, "failed_children", None) or {}
+    if failed:
+        # Tolerated at run time (raise_error_on_callback: false), but before a deploy this
+        # is a child that would not run (or not on the nodes): report it.
+        raise CallbackConfigError(
+            "callback_config: " + "\n".join(f"{message}" for message in failed.values())
+        )
+    error = pickle_error(callback)
+    if error is not None:
+        where = "; ".join(
+            f"attribute '{attr}' holds {what}" for attr, what in unpicklable_attributes(callback)
+        ) or f"{type(error).__name__}: {error}"
+        raise CallbackConfigError(
+            f"callback_config: {type(callback).__qualname__} does not survive pickling, which "
+            f"Ray does to send it to every node's download task: {where}. "
+            "Create unpicklable handles (locks, clients, sockets) lazily, or drop them in "
+            "__getstate__."
+        ) from error
+    from ray import cloudpickle
 
     try:
         cloudpickle.loads(cloudpickle.dumps(callback))  # type: ignore[no-untyped-call]
     except Exception as exc:
         raise CallbackConfigError(
-            f"callback_config: {type(callback).__qualname__} does not survive pickling, which "
-            f"Ray does to send it to every node's download task: {type(exc).__name__}: {exc}. "
-            "Create unpicklable handles (locks, clients, sockets) lazily, or drop them in "
-            "__getstate__."
+            f"callback_config: {type(callback).__qualname__} pickles but does not unpickle: "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     return callback

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -62,7 +63,7 @@ class PlacementGroupOptions(BaseModel):
     name: str | None = Field(default=None, min_length=1)
     """Reuse the placement group of this name (in the replica's namespace); created from
     ``bundles`` and ``strategy`` if it does not exist yet."""
-    ready_timeout_s: float = Field(default=60.0, gt=0)
+    ready_timeout_s: float = Field(default=60.0, gt=0, le=7 * 24 * 3600, allow_inf_nan=False)
     """How long to wait for the group to be placed before failing with a diagnostic."""
 
     @field_validator("bundles")
@@ -72,8 +73,11 @@ class PlacementGroupOptions(BaseModel):
             if not bundle:
                 raise ValueError(f"bundle {i} is empty; give resources like {{'CPU': 1}}")
             for key, value in bundle.items():
-                if not key or value < 0:
-                    raise ValueError(f"bundle {i}: resource {key!r} must be named and >= 0")
+                if not key or not math.isfinite(value) or value < 0:
+                    # NaN passes a "< 0" test; Ray would reject it only at hook time.
+                    raise ValueError(
+                        f"bundle {i}: resource {key!r} must be named, finite and >= 0"
+                    )
             if all(v == 0 for v in bundle.values()):
                 raise ValueError(f"bundle {i} asks for nothing (all values are 0)")
         return bundles

@@ -60,7 +60,7 @@ class TimingOptions(BaseModel):
     """Log one summary line per replica when its startup ends."""
     summary_log_level: Annotated[LogLevel, BeforeValidator(upper_name)] = "INFO"
     """Level of the summary line (any case)."""
-    warn_after_s: float | None = Field(default=None, gt=0)
+    warn_after_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Log the summary at WARNING when the startup took longer than this."""
 
 

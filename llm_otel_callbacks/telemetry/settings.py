@@ -32,7 +32,7 @@ class TelemetrySettings(BaseModel):
 
     enabled: bool = True
     """False turns every span and metric of this package off (``OTEL_SDK_DISABLED=true``)."""
-    service_name: str = DEFAULT_SERVICE_NAME
+    service_name: str = Field(default=DEFAULT_SERVICE_NAME, min_length=1)
     resource_attributes: dict[str, str] = Field(default_factory=dict)
     endpoint: str | None = None
     """OTLP endpoint for traces (and metrics unless ``metrics_endpoint`` is set)."""
@@ -43,18 +43,21 @@ class TelemetrySettings(BaseModel):
     traces_file: str | None = None
     """Embedded sink: write spans as OTLP/JSON lines to this file (no collector needed)."""
     sampler: SamplerName = "parentbased_always_on"
-    sampler_arg: float | None = None
+    sampler_arg: float | None = Field(default=None, ge=0, le=1)
+    """Probability for the ``traceidratio`` samplers, in [0, 1]."""
     metrics_backend: MetricsBackend = "auto"
     """auto: Ray's metrics system inside a Ray worker, else a prometheus_client registry."""
-    prometheus_port: int | None = None
+    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
     """Outside Ray: serve the prometheus_client registry on this port (0 = pick a free one)."""
     prometheus_host: str = "127.0.0.1"
     otlp_metrics: bool | None = None
     """Export metrics over OTLP too; default: when an endpoint is configured."""
-    metric_export_interval_ms: int = Field(default=10_000, ge=100)
-    export_timeout_s: float = Field(default=5.0, gt=0)
-    schedule_delay_ms: int = Field(default=1_000, ge=10)
-    shutdown_timeout_s: float = Field(default=5.0, ge=0)
+    # Upper bounds: an hour. Larger values (and inf) overflow the SDK's thread waits, which
+    # would fail in a background thread at run time instead of here.
+    metric_export_interval_ms: int = Field(default=10_000, ge=100, le=3_600_000)
+    export_timeout_s: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    schedule_delay_ms: int = Field(default=1_000, ge=10, le=3_600_000)
+    shutdown_timeout_s: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
     reuse_installed_provider: bool = True
     """Use a tracer/meter provider somebody already installed (Ray Serve, vLLM, the user)."""
     install_global_provider: bool = False
@@ -65,7 +68,7 @@ class TelemetrySettings(BaseModel):
     @field_validator("headers", mode="before")
     @classmethod
     def _parse_headers(cls, value: Any) -> Any:
-        return _parse_kv(value) if isinstance(value, str) else value
+        return _parse_kv(value, secret=True) if isinstance(value, str) else value
 
     @field_validator("resource_attributes", mode="before")
     @classmethod
@@ -94,7 +97,10 @@ class TelemetrySettings(BaseModel):
 
         Raises :class:`CallbackConfigError` naming the offending field.
         """
-        merged: dict[str, Any] = from_environment(os.environ if environ is None else environ)
+        try:
+            merged: dict[str, Any] = from_environment(os.environ if environ is None else environ)
+        except _EnvError as exc:
+            raise CallbackConfigError(f"telemetry: {exc}") from None
         if overrides is not None:
             if not isinstance(overrides, Mapping):
                 raise CallbackConfigError(
@@ -112,7 +118,13 @@ def from_environment(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("OTEL_SERVICE_NAME"):
         out["service_name"] = env["OTEL_SERVICE_NAME"]
     if env.get("OTEL_RESOURCE_ATTRIBUTES"):
-        attrs = _parse_kv(env["OTEL_RESOURCE_ATTRIBUTES"])
+        try:
+            attrs = _parse_kv(env["OTEL_RESOURCE_ATTRIBUTES"])
+        except ValueError as exc:
+            raise _EnvError(
+                f"environment variable OTEL_RESOURCE_ATTRIBUTES: {exc} "
+                "(field 'resource_attributes')"
+            ) from None
         # The spec lets service.name come from the resource attributes too.
         if "service.name" in attrs and "service_name" not in out:
             out["service_name"] = attrs["service.name"]
@@ -140,7 +152,14 @@ def from_environment(env: Mapping[str, str]) -> dict[str, Any]:
         out["sampler_arg"] = env["OTEL_TRACES_SAMPLER_ARG"]
     if env.get("OTEL_EXPORTER_OTLP_TIMEOUT"):
         # The spec gives this one in milliseconds.
-        out["export_timeout_s"] = float(env["OTEL_EXPORTER_OTLP_TIMEOUT"]) / 1000.0
+        raw = env["OTEL_EXPORTER_OTLP_TIMEOUT"]
+        try:
+            out["export_timeout_s"] = float(raw) / 1000.0
+        except ValueError:
+            raise _EnvError(
+                f"environment variable OTEL_EXPORTER_OTLP_TIMEOUT={raw!r} is not a number of "
+                "milliseconds (field 'export_timeout_s')"
+            ) from None
     if env.get("OTEL_BSP_SCHEDULE_DELAY"):
         out["schedule_delay_ms"] = env["OTEL_BSP_SCHEDULE_DELAY"]
     if env.get("OTEL_METRIC_EXPORT_INTERVAL"):
@@ -152,14 +171,23 @@ def from_environment(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _parse_kv(text: str) -> dict[str, str]:
-    """Parse the ``k1=v1,k2=v2`` form the OTel spec uses for headers and resources."""
+class _EnvError(ValueError):
+    """An ``OTEL_*`` variable that cannot be read; the message names it (never its value
+    when it may be a secret)."""
+
+
+def _parse_kv(text: str, secret: bool = False) -> dict[str, str]:
+    """Parse the ``k1=v1,k2=v2`` form the OTel spec uses for headers and resources.
+
+    With ``secret`` (headers) an error never quotes the text: a malformed
+    ``Authorization`` item would be the token itself."""
     out: dict[str, str] = {}
-    for item in text.split(","):
+    for index, item in enumerate(text.split(",")):
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"expected key=value, got {key.strip()!r}")
+            shown = f"item {index + 1}" if secret else repr(key.strip())
+            raise ValueError(f"expected key=value, got {shown}")
         out[unquote(key.strip())] = unquote(value.strip())
     return out
