@@ -87,6 +87,8 @@ class Child:
         self.instance = instance
         self.raise_error = raise_error
         self.timeout_s = timeout_s
+        #: Set when the child cannot be pickled (policy: log): it runs in the replica only.
+        self.local_only = False
         cls = instance if inspect.isfunction(instance) else type(instance)
         self.class_name = f"{cls.__module__}.{cls.__qualname__}"
 

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from . import catalog
 from ._callers import call_async, call_sync
 from ._observe import HookObserver
+from ._pickling import pickle_error, unpicklable_attributes
 from ._ray import CallbackBase
 from ._validation import CallbackConfigError
 from .adapters import CTX_FIELDS, Child, FunctionChild, Hook, SeedChild, is_seed_protocol
@@ -58,15 +59,21 @@ class Composite(RayServeLLMCallback):
             ctx_kwargs=ctx_kwargs,
             **kwargs,
         )
-        self.children: list[Child] = [
-            self._build_child(index, spec, target)
-            for index, (spec, target) in enumerate(parse_child_specs(self.options.callbacks))
-        ]
+        #: Children that failed in ``__init__`` or cannot be pickled, under
+        #: ``raise_error_on_callback: false``: name -> what went wrong. They do not run (an
+        #: unpicklable one runs in the replica, not in the per-node download tasks).
+        self.failed_children: dict[str, str] = {}
+        self.children: list[Child] = []
+        for index, (spec, target) in enumerate(parse_child_specs(self.options.callbacks)):
+            child = self._build_child(index, spec, target)
+            if child is not None:
+                self.children.append(child)
         self.vetoed_by: str | None = None
+        self._check_children_pickle()
 
     # --- construction -------------------------------------------------------------------------
 
-    def _build_child(self, index: int, spec: ChildSpec, target: Any) -> Child:
+    def _build_child(self, index: int, spec: ChildSpec, target: Any) -> Child | None:
         name = str(spec.name)
         label = f"callbacks[{index}] ({name})"
         policy = (
@@ -86,6 +93,10 @@ class Composite(RayServeLLMCallback):
                             "field 'callback_kwargs.telemetry': telemetry is set once per "
                             "process, on the composite's own callback_kwargs"
                         )
+                _check_kwargs(
+                    target, kwargs, llm_config=None, raise_error_on_callback=True,
+                    ctx_kwargs=None,
+                )
                 instance = target(  # type: ignore[call-arg]
                     llm_config=self.llm_config,
                     raise_error_on_callback=policy,
@@ -99,6 +110,7 @@ class Composite(RayServeLLMCallback):
                     instance.telemetry_settings = self.telemetry_settings
                 return Child(name, instance, policy, spec.timeout_s)
             if is_seed_protocol(target):
+                _check_kwargs(target, kwargs)
                 return SeedChild(name, target(**kwargs), policy, spec.timeout_s, self.llm_config)
             if inspect.isclass(target):
                 raise CallbackConfigError(
@@ -110,12 +122,81 @@ class Composite(RayServeLLMCallback):
             _check_phase_signature(target, kwargs)
             return FunctionChild(name, fn, policy, spec.timeout_s, self.llm_config)
         except CallbackConfigError as exc:
+            # Wrong configuration fails whatever the policy: it is never silently skipped.
             raise CallbackConfigError(_prefix(label, str(exc))) from None
         except Exception as exc:
-            raise CallbackConfigError(
-                f"{label}: constructing {getattr(target, '__qualname__', target)} failed: "
+            # The child's own code failed while constructing: its policy decides.
+            qualname = getattr(target, "__qualname__", repr(target))
+            message = (
+                f"callback '{name}' failed in hook '__init__' (constructing {qualname}): "
                 f"{type(exc).__name__}: {exc}"
-            ) from exc
+            )
+            if policy:
+                raise CallbackConfigError(f"{label}: {message}") from exc
+            self._child_failed(name, _class_name(target), "__init__", exc, message)
+            return None
+
+    def _child_failed(
+        self, name: str, class_name: str, hook: str, error: BaseException, message: str
+    ) -> None:
+        """A child skipped under ``raise_error_on_callback: false``: logged, and recorded
+        like a failed hook call (an error span under the startup trace, the outcome metric)."""
+        self.failed_children[name] = message
+        logger.error("%s (raise_error_on_callback=False, continuing without it)", message)
+        try:
+            observer = HookObserver(self._observer.tel, name, class_name, self.model_id)
+            started = observer.start(
+                hook, self.startup_context(), f"{catalog.SPAN_HOOK_PREFIX}{hook} {name}"
+            )
+            observer.finish(
+                hook, started, error,
+                record_message=self.telemetry_settings.record_exception_messages,
+            )
+        except Exception as exc:  # recording must never turn a tolerated failure fatal
+            logger.warning("could not record the failure of callback '%s': %s", name, exc)
+
+    # --- pickling: Ray sends the composite to every node's download task -------------------
+
+    def _check_children_pickle(self) -> None:
+        """Find children Ray could not send to the download tasks, now rather than at
+        ``initialize_node``: raise for a child whose policy is to raise, else run it in the
+        replica only (it is left out of the pickle) and record why."""
+        for child in list(self.children):
+            problem = self._pickle_problem(child)
+            if problem is None:
+                continue
+            message = (
+                f"callback '{child.name}' does not survive pickling, which Ray does to send it "
+                f"to every node's download task: {problem}. Create unpicklable handles "
+                "(locks, clients, sockets) lazily, or drop them in __getstate__"
+            )
+            if child.raise_error:
+                index = next(i for i, c in enumerate(self.children) if c is child)
+                raise CallbackConfigError(f"callbacks[{index}] ({child.name}): {message}")
+            child.local_only = True
+            self._child_failed(
+                child.name, child.class_name, "__getstate__", _PickleError(problem), message
+            )
+
+    def _pickle_problem(self, child: Child) -> str | None:
+        instance = child.instance
+        if isinstance(instance, RayServeLLMCallback):
+            # Shared objects are checked once, with the composite, not per child.
+            bad = unpicklable_attributes(instance, skip=(self, self.ctx, self.llm_config))
+        elif pickle_error(instance) is None:
+            return None
+        else:
+            bad = unpicklable_attributes(instance)
+        if not bad:
+            return None
+        return "; ".join(f"attribute '{attr}' holds {what}" for attr, what in bad)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        local_only = [c for c in self.children if c.local_only]
+        if local_only:
+            state["children"] = [c for c in self.children if c not in local_only]
+        return state
 
     def hook_targets(self) -> list[HookTarget]:
         return [
@@ -347,6 +428,30 @@ def _check_phase_signature(fn: Any, kwargs: dict[str, Any]) -> None:
         ) from None
     except ValueError:
         pass  # builtins without a signature: trust them
+
+
+def _check_kwargs(target: Any, kwargs: dict[str, Any], **fixed: Any) -> None:
+    """A class whose ``__init__`` does not take a ``callback_kwargs`` key fails here, naming
+    the key, instead of with a TypeError from inside the constructor."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # no signature to check against (C types): the constructor decides
+    try:
+        signature.bind(**fixed, **kwargs)
+    except TypeError as exc:
+        raise CallbackConfigError(
+            f"field 'callback_kwargs': {getattr(target, '__qualname__', target)} does not "
+            f"accept these keyword arguments ({exc})"
+        ) from None
+
+
+def _class_name(target: Any) -> str:
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+
+
+class _PickleError(TypeError):
+    """Stands for a pickling failure in a span and the outcome metric."""
 
 
 def _prefix(label: str, message: str) -> str:
