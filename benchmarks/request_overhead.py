@@ -9,17 +9,24 @@ Two parts:
    (prometheus_client) on. Cases: a Composite whose children implement no request hook, one with
    TokenCounter (``on_llm_end`` only), one with StreamingProgress (``on_llm_stream_chunk``: the
    chunks get parsed, shown for contrast).
-2. ``serve`` (minutes): the same tiny model on the real CPU vLLM engine behind Ray Serve, in
-   one Ray: Ray's plain ``LLMServer`` stays deployed while the observed variants are deployed
-   beside it one after the other (``ObservedLLMServer`` with a Composite implementing no request
-   hook, then with TokenCounter), so at most two engines run at once. Each pair is loaded in
-   alternating rounds (plain, observed, observed, plain, ...) by ``--concurrency`` clients
-   sending half streamed, half non-streamed chat requests of ``--max-tokens`` tokens (greedy,
-   ignore_eos) for ``--seconds`` per round; the ratio is the median of the per-pair throughput
-   ratios, which a shared machine's drift affects least. Spans go to an OTLP/HTTP receiver in
-   a process of its own.
+2. ``serve`` (minutes): throughput on the real CPU vLLM engine behind Ray Serve, "with the same
+   engine" literally: one replica, one engine, three request paths. The replica's server class
+   is ``benchmarks/same_engine_server.py``'s ``SameEngineServer`` (an ``ObservedLLMServer``) which
+   answers each chat request along the path its OpenAI ``user`` field names: ``plain`` (Ray's
+   ``LLMServer.chat`` with the unwrapped engine), ``observed`` (the observed path, a Composite
+   with no request hooks) or ``tokencounter`` (the observed path with TokenCounter). Requests go
+   over HTTP: Serve proxy, Ray's OpenAI ingress, the replica. ``--concurrency`` closed-loop
+   clients send half streamed, half non-streamed chat requests of ``--max-tokens`` tokens
+   (greedy, ignore_eos), all on one path for a block of ``--seconds`` (then drained: a block's
+   time runs to its last answer); a cycle is one block per path, in an order that rotates
+   through all permutations. Each path's throughput is its requests over its blocks' time; the
+   ratio to ``plain`` has a 95 % bootstrap CI over cycles (pairing kept) and a paired-t CI on the
+   per-cycle log ratios. Spans go to an OTLP/HTTP receiver in a process of its own; the run
+   checks that every observed-path request made one span and TokenCounter counted its path's
+   requests. ``pool`` reads several ``--out`` files of ``serve`` and compares all their cycles.
 
-Run: ``python benchmarks/request_overhead.py [micro|serve|all] [--out result.json]``.
+Run: ``python benchmarks/request_overhead.py [micro|serve|all] [--out result.json]``, or
+``python benchmarks/request_overhead.py pool a.json b.json``.
 Goals: serve throughput ratio >= 0.98 with no request hooks; <= 1 us per streamed chunk when no
 child implements ``on_llm_stream_chunk``.
 """
@@ -28,14 +35,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,83 +187,320 @@ def micro(chunks: int, requests: int, repeat: int) -> dict[str, Any]:
 
 # --- part 2: serve ------------------------------------------------------------------------------
 
-PLAIN = "plain LLMServer"
-VARIANTS: dict[str, dict[str, Any]] = {
-    PLAIN: {"server_cls": None, "children": ["llm_otel_callbacks.builtin.Timing"]},
-    "ObservedLLMServer, no request hooks": {
-        "server_cls": "llm_otel_callbacks.serve.ObservedLLMServer",
-        "children": ["llm_otel_callbacks.builtin.Timing"],
-    },
-    "ObservedLLMServer, TokenCounter": {
-        "server_cls": "llm_otel_callbacks.serve.ObservedLLMServer",
-        "children": ["llm_otel_callbacks.builtin.Timing",
-                     "llm_otel_callbacks.builtin.TokenCounter"],
-    },
-}
+SERVER_CLS = "benchmarks.same_engine_server.SameEngineServer"
+REFERENCE = "plain"
+COMPARED = {"observed": "ObservedLLMServer, no request hooks",
+            "tokencounter": "ObservedLLMServer, TokenCounter"}
+GOAL = 0.98
 
 
-async def _load(base: str, concurrency: int, seconds: float, max_tokens: int
-                ) -> tuple[int, int]:
-    """Closed-loop load for ``seconds``: returns (requests ok, errors)."""
+def _body(path: str, stream: bool, max_tokens: int) -> dict[str, Any]:
+    # ``user`` names the server path (see same_engine_server.py); vLLM ignores it otherwise.
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hello model"}],
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream,
+            "user": path}
+
+
+async def _request(client: Any, url: str, body: dict[str, Any]) -> bool:
+    """One request; True when it completed with a whole, error-free answer."""
     import httpx
 
-    deadline = time.perf_counter() + seconds
+    try:
+        if body["stream"]:
+            async with client.stream("POST", url, json=body) as resp:
+                if resp.status_code != 200:
+                    return False
+                done = False
+                async for line in resp.aiter_lines():
+                    if line.startswith('data: {"error"'):
+                        return False
+                    done = done or line == "data: [DONE]"
+                return done
+        resp = await client.post(url, json=body)
+        return resp.status_code == 200 and bool(resp.json().get("choices"))
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+async def _block(client: Any, url: str, path: str, concurrency: int, seconds: float,
+                 max_tokens: int) -> dict[str, Any]:
+    """``concurrency`` closed-loop clients on one path for ``seconds``, then drained: the
+    block's time runs from its start to its last answer."""
+    start = time.perf_counter()
+    deadline = start + seconds
     done = errors = 0
 
-    async def worker(index: int, client: httpx.AsyncClient) -> None:
+    async def worker(index: int) -> None:
         nonlocal done, errors
         turn = index
         while time.perf_counter() < deadline:
-            turn += 1
-            stream = turn % 2 == 0
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "hello model"}],
-                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                    "stream": stream}
-            try:
-                if stream:
-                    async with client.stream("POST", base + "/v1/chat/completions",
-                                             json=body) as resp:
-                        ok = resp.status_code == 200
-                        async for _ in resp.aiter_lines():
-                            pass
-                else:
-                    resp = await client.post(base + "/v1/chat/completions", json=body)
-                    ok = resp.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
+            turn += 1  # half streamed, half not, at every moment
+            if await _request(client, url, _body(path, turn % 2 == 0, max_tokens)):
                 done += 1
             else:
                 errors += 1
 
-    async with httpx.AsyncClient(timeout=120) as client:
-        await asyncio.gather(*(worker(i, client) for i in range(concurrency)))
-    return done, errors
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return {"path": path, "done": done, "errors": errors,
+            "seconds": time.perf_counter() - start}
 
 
-def _deploy(variant: str, app: str, model_dir: Path, endpoint: str, env: dict[str, str]) -> None:
+#: Processes that serve a request, by what their command line starts with (psutil names).
+CPU_GROUPS = {
+    "replica": ("ray::ServeReplica:bench:SameEngineServer",),
+    "engine": ("VLLM::EngineCore", "VLLM::Worker"),
+    "ingress": ("ray::ServeReplica:bench:OpenAiIngress",),
+    "proxy": ("ray::ProxyActor",),
+}
+SERVING = tuple(CPU_GROUPS)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of this process's descendants (Ray, Serve, vLLM), by group:
+    the request-path processes of ``CPU_GROUPS``, ``client`` (this process: the load), and
+    ``other`` (Ray's own daemons). External load on a shared machine changes the wall time of a
+    block much more than the CPU our processes spend per request."""
+
+    def __init__(self, exclude: Sequence[int] = ()) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self._exclude = set(exclude)
+        self._groups: dict[int, str] = {}
+
+    def _group(self, proc: Any) -> str:
+        try:
+            line = " ".join(proc.cmdline()) or proc.name()
+        except Exception:
+            return "other"
+        for group, prefixes in CPU_GROUPS.items():
+            if line.startswith(prefixes):
+                return group
+        return "other"
+
+    def sample(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds so far of every live descendant, by pid."""
+        out: dict[int, tuple[str, float]] = {}
+        procs = [self._me, *self._me.children(recursive=True)]
+        for proc in procs:
+            if proc.pid in self._exclude:
+                continue
+            group = self._groups.get(proc.pid)
+            if group is None:  # a pid is not reused within one run
+                group = "client" if proc.pid == self._me.pid else self._group(proc)
+                self._groups[proc.pid] = group
+            try:
+                t = proc.cpu_times()
+            except Exception:
+                continue
+            out[proc.pid] = (group, t.user + t.system)
+        return out
+
+    @staticmethod
+    def delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+              ) -> dict[str, float]:
+        """CPU seconds spent between two samples, by group (processes alive at both)."""
+        spent: dict[str, float] = {}
+        for pid, (group, end) in after.items():
+            if pid in before:
+                spent[group] = spent.get(group, 0.0) + end - before[pid][1]
+        return spent
+
+
+async def _measure(url: str, paths: Sequence[str], concurrency: int, seconds: float,
+                   cycles: int, warmup: int, max_tokens: int, meter: CpuMeter
+                   ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Cycles of one block per path; the order rotates through all permutations, so each
+    path runs first, middle and last equally often. Returns (cycles, warm-up blocks)."""
+    import itertools
+
+    import httpx
+
+    orders = list(itertools.permutations(paths))
+    out: list[list[dict[str, Any]]] = []
+    warm: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=2 * concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        for _ in range(warmup):  # the first blocks after start run slow: not counted
+            for path in paths:
+                warm.append(await _block(client, url, path, concurrency, seconds, max_tokens))
+        started = time.perf_counter()
+        for c in range(cycles):
+            cycle = []
+            for path in orders[c % len(orders)]:
+                before = meter.sample()  # between blocks: outside every block's time
+                block = await _block(client, url, path, concurrency, seconds, max_tokens)
+                block["cpu"] = meter.delta(before, meter.sample())
+                cycle.append(block)
+            cycle[0]["load1"] = os.getloadavg()[0]
+            out.append(cycle)
+            if (c + 1) % 10 == 0:
+                print(f"  {c + 1}/{cycles} cycles, {time.perf_counter() - started:.0f} s",
+                      flush=True)
+    return out, warm
+
+
+def _t975(df: int) -> float:
+    """Student's t 97.5 % quantile (Cornish-Fisher expansion; within 0.1 % for df >= 10)."""
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def _wall(block: dict[str, Any]) -> float:
+    return float(block["seconds"])
+
+
+def _serving_cpu(block: dict[str, Any]) -> float:
+    return sum(block["cpu"].get(group, 0.0) for group in SERVING)
+
+
+def _bootstrap(n: int, stat: Any, resamples: int, seed: int) -> list[float]:
+    """``stat`` over ``resamples`` resamples of whole cycles (the pairing is kept), sorted."""
+    import random
+
+    rng = random.Random(seed)
+    return sorted(stat([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
+
+
+def compare(cycles: list[list[dict[str, Any]]], path: str, ref: str = REFERENCE,
+            cost: Any = _wall, resamples: int = 10_000, seed: int = 6) -> dict[str, Any]:
+    """Throughput of ``path`` over ``ref``, both measured in every cycle: requests per second
+    of ``cost`` (wall time of the blocks by default; or serving CPU seconds).
+
+    ``ratio``: pooled (all requests of ``path`` per cost of ``path`` blocks, over the same for
+    ``ref``), with a percentile bootstrap 95 % CI that resamples whole cycles. ``paired``:
+    geometric mean of the per-cycle ratios with a paired-t 95 % CI on their logarithms."""
+    import math
+
+    def of(which: str) -> list[tuple[int, float]]:
+        return [next((b["done"], cost(b)) for b in cycle if b["path"] == which)
+                for cycle in cycles]
+
+    x, r = of(path), of(ref)
+    n = len(cycles)
+
+    def pooled(idx: Sequence[int]) -> float:
+        xd = sum(x[i][0] for i in idx)
+        xt = sum(x[i][1] for i in idx)
+        rd = sum(r[i][0] for i in idx)
+        rt = sum(r[i][1] for i in idx)
+        return (xd / xt) / (rd / rt)
+
+    boot = _bootstrap(n, pooled, resamples, seed)
+    per_cycle = [(xd / xt) / (rd / rt) for (xd, xt), (rd, rt) in zip(x, r, strict=True)]
+    logs = [math.log(v) for v in per_cycle]
+    mean = statistics.fmean(logs)
+    half = _t975(n - 1) * statistics.stdev(logs) / math.sqrt(n)
+    low, high = boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+    verdict = ("meets" if low >= GOAL else "misses" if high < GOAL else "unresolved")
+    return {
+        "ratio": pooled(range(n)), "ci95": [low, high],
+        "paired_geomean": math.exp(mean), "paired_ci95": [math.exp(mean - half),
+                                                          math.exp(mean + half)],
+        "cycle_ratio_median": statistics.median(per_cycle),
+        "cycle_ratio_range": [min(per_cycle), max(per_cycle)],
+        "cycle_log_ratio_sd": statistics.stdev(logs),
+        "rate": sum(d for d, _ in x) / sum(t for _, t in x),
+        "reference_rate": sum(d for d, _ in r) / sum(t for _, t in r),
+        "requests": sum(d for d, _ in x), "reference_requests": sum(d for d, _ in r),
+        "goal": GOAL, "verdict": verdict,
+    }
+
+
+def cpu_per_request(cycles: list[list[dict[str, Any]]], path: str, group: str,
+                    ref: str = REFERENCE, resamples: int = 10_000, seed: int = 7
+                    ) -> dict[str, Any]:
+    """CPU microseconds per request of one process group on ``path`` and on ``ref``, and the
+    difference with a bootstrap 95 % CI over cycles."""
+
+    def of(which: str) -> list[tuple[int, float]]:
+        return [next((b["done"], b["cpu"].get(group, 0.0)) for b in c if b["path"] == which)
+                for c in cycles]
+
+    x, r = of(path), of(ref)
+
+    def diff(idx: Sequence[int]) -> float:
+        return 1e6 * (sum(x[i][1] for i in idx) / sum(x[i][0] for i in idx)
+                      - sum(r[i][1] for i in idx) / sum(r[i][0] for i in idx))
+
+    boot = _bootstrap(len(cycles), diff, resamples, seed)
+    everything = range(len(cycles))
+    return {
+        "us_per_request": 1e6 * sum(c for _, c in x) / sum(d for d, _ in x),
+        "reference_us_per_request": 1e6 * sum(c for _, c in r) / sum(d for d, _ in r),
+        "difference_us": diff(everything),
+        "difference_ci95": [boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]],
+    }
+
+
+def _run_receiver(port: int, stop: Any, counts: Any) -> None:
+    from tests._support.otlp_receiver import OtlpHttpReceiver
+
+    with OtlpHttpReceiver(port=port) as receiver:
+        stop.wait()
+        by_name: dict[str, int] = {}
+        for span in receiver.spans():
+            by_name[span.name] = by_name.get(span.name, 0) + 1
+        counts.put(by_name)
+
+
+class _Receiver:
+    """An OTLP/HTTP receiver in its own process: decoding spans must not slow the clients
+    (which run in this process) while the observed paths are loaded only."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        from llm_otel_callbacks._ports import free_port
+
+        self.port = free_port()
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._counts = ctx.Queue()
+        self._proc = ctx.Process(target=_run_receiver, args=(self.port, self._stop,
+                                                             self._counts), daemon=True)
+        self._proc.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return int(self._proc.pid or 0)
+
+    def stop(self) -> dict[str, int]:
+        """Stop; returns the spans received, by name."""
+        self._stop.set()
+        try:
+            counts: dict[str, int] = self._counts.get(timeout=30)
+        except Exception:
+            counts = {}
+        self._proc.join(10)
+        return counts
+
+
+def _deploy(model_dir: Path, endpoint: str, env: dict[str, str]) -> None:
     from ray import serve
     from ray.serve.llm import LLMConfig, build_openai_app
 
-    spec = VARIANTS[variant]
-    config: dict[str, Any] = {
-        "model_loading_config": {"model_id": MODEL, "model_source": str(model_dir)},
-        "placement_group_config": {"bundles": [{"CPU": 1}]},
-        "engine_kwargs": {"max_model_len": 256, "max_num_seqs": 4, "max_num_batched_tokens": 256,
-                          "enforce_eager": True, "dtype": "float32"},
-        "deployment_config": {"num_replicas": 1},
-        "experimental_configs": {"num_ingress_replicas": 1},
-        "runtime_env": {"env_vars": dict(env)},
-        "callback_config": {
+    config = LLMConfig(
+        model_loading_config={"model_id": MODEL, "model_source": str(model_dir)},
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        engine_kwargs={"max_model_len": 256, "max_num_seqs": 4, "max_num_batched_tokens": 256,
+                       "enforce_eager": True, "dtype": "float32"},
+        deployment_config={"num_replicas": 1},
+        experimental_configs={"num_ingress_replicas": 1},
+        runtime_env={"env_vars": dict(env)},
+        server_cls=SERVER_CLS,
+        callback_config={
             "callback_class": "llm_otel_callbacks.Composite",
-            "callback_kwargs": {"callbacks": spec["children"],
+            "callback_kwargs": {"callbacks": ["llm_otel_callbacks.builtin.Timing"],
                                 "telemetry": {"endpoint": endpoint}},
         },
-    }
-    if spec["server_cls"]:
-        config["server_cls"] = spec["server_cls"]
-    serve.run(build_openai_app({"llm_configs": [LLMConfig(**config)]}), blocking=False,
-              name=app, route_prefix=f"/{app}")
+    )
+    serve.run(build_openai_app({"llm_configs": [config]}), blocking=False, name="bench",
+              route_prefix="/")
 
 
 def _wait_ready(base: str, timeout: float = 900) -> None:
@@ -275,104 +519,147 @@ def _wait_ready(base: str, timeout: float = 900) -> None:
     raise TimeoutError(f"{base} not ready")
 
 
-def _run_receiver(port: int, stop: Any) -> None:
-    from tests._support.otlp_receiver import OtlpHttpReceiver
-
-    with OtlpHttpReceiver(port=port):
-        stop.wait()
-
-
-@contextlib.contextmanager
-def _receiver_process() -> Iterator[str]:
-    """An OTLP/HTTP receiver in its own process: decoding spans must not slow the clients
-    (which run in this process) during the observed rounds only."""
-    import multiprocessing
-
-    from tests._support.ray_env import free_port
-
-    port = free_port()
-    ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    proc = ctx.Process(target=_run_receiver, args=(port, stop), daemon=True)
-    proc.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop.set()
-        proc.join(10)
-
-
-def serve_bench(variants: list[str], concurrency: int, seconds: float, rounds: int,
-                max_tokens: int) -> dict[str, Any]:
-    """The plain server stays deployed; each observed variant is deployed beside it in turn
-    (two engines at most) and the two are loaded in alternating rounds (ABBA order), so the
-    drift of a shared machine hits both alike. The ratio is the median of per-pair ratios."""
+def _token_totals() -> dict[str, Any]:
+    """TokenCounter's totals in the replica, through a deployment handle."""
     from ray import serve
 
-    from tests._support.ray_env import free_port, start_local_ray
+    status = serve.status().applications["bench"]
+    name = next(d for d in status.deployments if "Ingress" not in d)
+    handle = serve.get_deployment_handle(name, app_name="bench")
+    totals: dict[str, Any] = handle.token_totals.remote().result(timeout_s=60)
+    return totals
+
+
+def serve_bench(concurrency: int, seconds: float, cycles: int, warmup: int,
+                max_tokens: int, engine_threads: int | None = None,
+                checkpoint: Path | None = None) -> dict[str, Any]:
+    """One replica, one engine, three request paths (see same_engine_server.py), loaded over
+    HTTP (Serve proxy, Ray's OpenAI ingress, the replica) in interleaved blocks."""
+    from ray import serve
+
+    from llm_otel_callbacks._ports import free_port
+    from tests._support.ray_env import start_local_ray
     from tests._support.tiny_model import make_tiny_model
 
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    results: dict[str, Any] = {"concurrency": concurrency, "seconds": seconds, "rounds": rounds,
-                               "max_tokens": max_tokens, "variants": []}
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, _receiver_process() as endpoint:
-        model_dir = make_tiny_model(Path(tmp) / "model")
-        # Logical CPUs: two apps need about 3 each (ingress, replica, engine bundle).
-        run = start_local_ray(Path(tmp) / "ray", num_cpus=8, env=env)
-        try:
-            port = free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            root = f"http://127.0.0.1:{port}"
-            _deploy(PLAIN, "plain", model_dir, endpoint, env)
-            _wait_ready(root + "/plain")
-            for variant in variants:
+    if engine_threads:
+        env["OMP_NUM_THREADS"] = str(engine_threads)
+    paths = [REFERENCE, *COMPARED]
+    result: dict[str, Any] = {
+        "concurrency": concurrency, "block_seconds": seconds, "cycles": cycles,
+        "engine_threads": engine_threads, "warmup_cycles": warmup, "max_tokens": max_tokens,
+        "paths": paths,
+        "route": "HTTP: Serve proxy -> OpenAiIngress -> SameEngineServer (one replica)",
+    }
+    receiver = _Receiver()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            model_dir = make_tiny_model(Path(tmp) / "model")
+            run = start_local_ray(Path(tmp) / "ray", num_cpus=4, env=env)
+            try:
+                port = free_port()
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                root = f"http://127.0.0.1:{port}"
                 started = time.perf_counter()
-                _deploy(variant, "observed", model_dir, endpoint, env)
-                _wait_ready(root + "/observed")
-                ready_s = time.perf_counter() - started
-                bases = {"plain": root + "/plain", "observed": root + "/observed"}
-                for base in bases.values():  # warm-up
-                    asyncio.run(_load(base, concurrency, 5, max_tokens))
-                rps: dict[str, list[float]] = {"plain": [], "observed": []}
-                errors = 0
-                for i in range(rounds):
-                    order = ("plain", "observed") if i % 2 == 0 else ("observed", "plain")
-                    for which in order:
-                        done, failed = asyncio.run(
-                            _load(bases[which], concurrency, seconds, max_tokens)
-                        )
-                        rps[which].append(done / seconds)
-                        errors += failed
-                ratios = [o / p for o, p in zip(rps["observed"], rps["plain"], strict=True)]
-                entry = {
-                    "name": variant, "ready_s": ready_s, "errors": errors,
-                    "plain_rps": rps["plain"], "observed_rps": rps["observed"],
-                    "median_plain_rps": statistics.median(rps["plain"]),
-                    "median_observed_rps": statistics.median(rps["observed"]),
-                    "ratio": statistics.median(ratios), "pair_ratios": ratios,
-                }
-                results["variants"].append(entry)
-                print(f"{variant}: {entry['median_observed_rps']:.2f} req/s vs plain "
-                      f"{entry['median_plain_rps']:.2f} req/s, ratio {entry['ratio']:.3f} "
-                      f"(pairs {[round(r, 3) for r in ratios]}, errors {errors})", flush=True)
-                serve.delete("observed")
-                time.sleep(5)  # let its engine process exit before the next one starts
-        finally:
-            serve.shutdown()
-            run.shutdown()
-    return results
+                _deploy(model_dir, receiver.endpoint, env)
+                _wait_ready(root)
+                result["ready_s"] = time.perf_counter() - started
+                print(f"ready after {result['ready_s']:.0f} s", flush=True)
+                measured = time.perf_counter()
+                meter = CpuMeter(exclude=[receiver.pid])
+                blocks, warm = asyncio.run(_measure(root + "/v1/chat/completions", paths,
+                                              concurrency, seconds, cycles, warmup,
+                                              max_tokens, meter))
+                result["measure_s"] = time.perf_counter() - measured
+                if checkpoint is not None:  # the blocks survive a failing shutdown
+                    checkpoint.write_text(json.dumps({"serve": {**result, "blocks": blocks,
+                                                                "warmup_blocks": warm}}))
+                result["token_totals"] = _token_totals()
+                time.sleep(3)  # the batch span processor exports every second
+            finally:
+                serve.shutdown()
+                run.shutdown()
+    finally:
+        result["spans_received"] = receiver.stop()
+    result["blocks"] = blocks
+    result["warmup_blocks"] = warm
+    everything = [b for c in blocks for b in c] + warm
+    result["errors"] = sum(b["errors"] for b in everything)
+    # Every request of the observed paths makes one span; TokenCounter counts its own.
+    served = {p: sum(b["done"] + b["errors"] for b in everything if b["path"] == p)
+              for p in paths}
+    result["path_check"] = {
+        "observed_path_requests": served["observed"] + served["tokencounter"],
+        "request_spans": result["spans_received"].get(f"chat {MODEL}", 0),
+        "tokencounter_requests": served["tokencounter"],
+        "tokencounter_count": result["token_totals"].get("request_count"),
+    }
+    _report(result)
+    return result
+
+
+def _report(result: dict[str, Any]) -> None:
+    blocks = result["blocks"]
+    result["requests_per_block"] = statistics.median(b["done"] for c in blocks for b in c)
+    result["load1"] = [min(c[0]["load1"] for c in blocks), max(c[0]["load1"] for c in blocks)]
+    with_cpu = all("cpu" in b for c in blocks for b in c)
+    result["comparisons"] = {}
+    for path, name in COMPARED.items():
+        entry: dict[str, Any] = {"wall": compare(blocks, path)}
+        if with_cpu:
+            entry["serving_cpu"] = compare(blocks, path, cost=_serving_cpu)
+            entry["cpu_us_per_request"] = {
+                group: cpu_per_request(blocks, path, group)
+                for group in (*SERVING, "client", "other")
+            }
+        result["comparisons"][name] = entry
+        for kind, cmp in entry.items():
+            if kind == "cpu_us_per_request":
+                continue
+            unit = "req/s" if kind == "wall" else "req per serving CPU-s"
+            print(f"{name} [{kind}]: {cmp['rate']:.2f} vs plain {cmp['reference_rate']:.2f} "
+                  f"{unit}, ratio {cmp['ratio']:.4f} (95 % CI {cmp['ci95'][0]:.4f}-"
+                  f"{cmp['ci95'][1]:.4f}; paired {cmp['paired_geomean']:.4f}, "
+                  f"{cmp['paired_ci95'][0]:.4f}-{cmp['paired_ci95'][1]:.4f}; cycle sd "
+                  f"{cmp['cycle_log_ratio_sd']:.3f}) over {len(blocks)} cycles: "
+                  f"{cmp['verdict']} >= {GOAL}", flush=True)
+        for group, per in entry.get("cpu_us_per_request", {}).items():
+            print(f"    {group}: {per['us_per_request']:.0f} vs "
+                  f"{per['reference_us_per_request']:.0f} us CPU/request, difference "
+                  f"{per['difference_us']:+.0f} us (95 % CI "
+                  f"{per['difference_ci95'][0]:+.0f} to {per['difference_ci95'][1]:+.0f})",
+                  flush=True)
+    print(f"requests per block (median) {result['requests_per_block']}, errors "
+          f"{result.get('errors')}, load1 {result['load1']}, path check "
+          f"{result.get('path_check')}", flush=True)
+
+
+def pool(files: Sequence[Path]) -> dict[str, Any]:
+    """The cycles of several ``serve`` results, compared as one sample (cycles are
+    independent; each run's blocks were interleaved the same way)."""
+    runs = [json.loads(f.read_text())["serve"] for f in files]
+    result: dict[str, Any] = {"files": [str(f) for f in files],
+                              "blocks": [c for run in runs for c in run["blocks"]],
+                              "errors": sum(b["errors"] for run in runs
+                                            for c in run["blocks"] for b in c)}
+    _report(result)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", nargs="?", default="all", choices=["micro", "serve", "all"])
+    parser.add_argument("part", nargs="?", default="all",
+                        choices=["micro", "serve", "all", "pool"])
+    parser.add_argument("results", nargs="*", type=Path, help="pool: serve results (--out)")
     parser.add_argument("--chunks", type=int, default=20_000)
     parser.add_argument("--requests", type=int, default=5_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=3.0, help="one block's load")
+    parser.add_argument("--cycles", type=int, default=40, help="blocks per path")
+    parser.add_argument("--warmup", type=int, default=3, help="cycles not counted")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--engine-threads", type=int, help="OMP_NUM_THREADS of the engine")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result: dict[str, Any] = {}
@@ -384,9 +671,10 @@ def main() -> None:
             print(f"{name}: +{case['us_per_chunk']:.3f} us/chunk, "
                   f"+{case['us_per_request']:.1f} us/request")
     if args.part in ("serve", "all"):
-        variants = [v for v in VARIANTS if v != PLAIN]
-        result["serve"] = serve_bench(variants, args.concurrency, args.seconds, args.rounds,
-                                      args.max_tokens)
+        result["serve"] = serve_bench(args.concurrency, args.seconds, args.cycles, args.warmup,
+                                      args.max_tokens, args.engine_threads, args.out)
+    if args.part == "pool":
+        result["pool"] = pool(args.results)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 
