@@ -258,10 +258,11 @@ def _serve_row() -> Row:
 
 
 def _health_row() -> Row:
-    by = (catalog.L_SIGNAL,)
+    by = (catalog.L_SIGNAL, catalog.L_REASON)
     return Row("Telemetry health", (
-        Panel("Span exports dropped (range)", "Spans the exporter could not deliver, or "
-              "dropped while backing off from a failing collector. Hooks never wait for it.",
+        Panel("Spans dropped (range)", "Spans that never reached the collector, by reason: "
+              "export_failed, backoff (skipped while backing off from a failing collector), "
+              "queue_full (a slow or hanging collector), shutdown. Hooks never wait for it.",
               "stat", (Query(range_total(EXPORT_FAILURES, by), legend(by), instant=True),),
               width=24, height=4),
     ))

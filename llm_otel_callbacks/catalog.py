@@ -79,6 +79,7 @@ L_RULE = "rule"
 L_STRATEGY = "strategy"
 L_FIELD = "field"
 L_SIGNAL = "signal"
+L_REASON = "reason"
 
 # --- outcomes of a hook call ---
 OUTCOME_OK = "ok"
@@ -124,8 +125,10 @@ PLACEMENT_GROUP_WAIT = MetricSpec(
 )
 EXPORT_FAILURES = MetricSpec(
     "llm_callback_telemetry_export_failures", "counter", "1",
-    "Span exports that failed or were skipped while the collector was backing off.",
-    (L_SIGNAL,),
+    "Spans dropped, by reason: export_failed (the collector refused, failed or timed out), "
+    "backoff (skipped while backing off from a failing collector), queue_full (the export "
+    "queue was full: a slow or hanging collector), shutdown (left at exit).",
+    (L_SIGNAL, L_REASON),
 )
 
 CORE_METRICS: tuple[MetricSpec, ...] = (HOOK_DURATION, HOOK_CALLS, EXPORT_FAILURES)
@@ -268,7 +271,6 @@ L_GENAI_MODEL = "gen_ai_request_model"
 L_ERROR_TYPE = "error_type"
 L_GENAI_TOKEN_TYPE = "gen_ai_token_type"
 L_TOKEN_TYPE = "token_type"
-L_REASON = "reason"
 L_CURRENCY = "currency"
 
 _GENAI_LABELS = (L_GENAI_OPERATION, L_GENAI_PROVIDER, L_GENAI_MODEL)

@@ -1,13 +1,26 @@
-"""Span exporters that can never stall or fail a hook.
+"""Span export that can never stall or fail a hook, nor hold up process exit.
 
-Spans reach these only through a ``BatchSpanProcessor``, whose worker thread is the one that
-waits on the network, so a hook only ever appends to a bounded queue. On top of that,
-:class:`GuardedSpanExporter` backs off after a failure, so a dead collector costs one
-connection attempt per back-off window rather than one per batch, and counts what it drops.
+The design, and why (a dead or hanging collector, measured in tests/test_faults_collector.py):
+
+* :class:`SpanQueueProcessor` replaces the SDK's ``BatchSpanProcessor``. A hook thread only
+  appends to a bounded deque; when the deque is full the span is dropped and counted (the SDK's
+  processor logs a warning per dropped span, on the hook's thread). Its worker thread is the
+  only one that talks to the network, and ``force_flush``/``shutdown`` wait for it at most
+  their timeout: they never export on the caller's thread.
+* :class:`OneShotSession` is handed to the SDK's OTLP/HTTP exporters (their public
+  ``session`` argument). It makes one bounded attempt per export: a refused or reset
+  connection, a timeout or a 429/502/503/504 becomes an error the SDK does not retry. The
+  SDK's own retry loop (sleeps of 1, 2, 4 s up to its timeout) is what kept a process
+  exiting for many seconds, and its failing attempts are what made the garbage.
+* :class:`GuardedSpanExporter` backs off after a failure (1 s doubling to 60 s): while the
+  collector is down, batches are dropped and counted without encoding or connecting, so a
+  dead collector costs one connection attempt per window.
+* A shutdown deadline set on the session caps every request made while flushing at exit.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -16,35 +29,92 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
+import requests
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 logger = logging.getLogger(__name__)
 
+# Why a span was dropped: the ``reason`` label of catalog.EXPORT_FAILURES.
+DROP_EXPORT_FAILED = "export_failed"
+DROP_BACKOFF = "backoff"
+DROP_QUEUE_FULL = "queue_full"
+DROP_SHUTDOWN = "shutdown"
+
+OnDrop = Callable[[int, str], None]
+
+_RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+
+
+class ExportAttemptFailed(Exception):
+    """One export attempt failed. Not a ``requests`` connection error on purpose: the SDK's
+    OTLP/HTTP client retries those (and 429/5xx) with sleeps; this it reports at once."""
+
+
+class OneShotSession(requests.Session):
+    """A ``requests.Session`` for the SDK's OTLP/HTTP exporters: one attempt, bounded time.
+
+    ``connect_timeout_s`` caps the TCP connect (a collector that is down answers a connect
+    at once or never); ``deadline`` (a ``time.monotonic()`` value, set when the process
+    shuts down) caps every request's total timeout.
+    """
+
+    def __init__(self, connect_timeout_s: float = 1.0) -> None:
+        super().__init__()
+        self.connect_timeout_s = connect_timeout_s
+        self.deadline: float | None = None
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        timeout = kwargs.get("timeout")
+        read = float(timeout) if isinstance(timeout, (int, float)) else 10.0
+        if self.deadline is not None:
+            read = min(read, self.deadline - time.monotonic())
+            if read <= 0:
+                raise ExportAttemptFailed("shutdown deadline passed")
+        kwargs["timeout"] = (min(self.connect_timeout_s, read), read)
+        try:
+            response = super().request(method, url, *args, **kwargs)
+        except requests.RequestException as exc:
+            # The cause is named, the URL is not (its query may carry credentials).
+            raise ExportAttemptFailed(type(exc).__name__) from None
+        if response.status_code in _RETRYABLE_STATUS:
+            status = response.status_code
+            response.close()
+            raise ExportAttemptFailed(f"HTTP {status}")
+        return response
+
 
 class GuardedSpanExporter(SpanExporter):
-    """Wraps an exporter: exponential back-off after failures, failures counted, never raises."""
+    """Wraps an exporter: exponential back-off after failures, drops counted, never raises."""
 
     def __init__(
         self,
         inner: SpanExporter,
-        on_failure: Callable[[int], None] | None = None,
+        on_drop: OnDrop | None = None,
         *,
         min_backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
     ) -> None:
         self._inner = inner
-        self._on_failure = on_failure
+        self._on_drop = on_drop
         self._min = min_backoff_s
         self._max = max_backoff_s
         self._backoff = 0.0
         self._retry_at = 0.0
         self._warned = False
+        self.attempts = 0
+        """Exports handed to the inner exporter (the rest were skipped while backing off)."""
+
+    @property
+    def backing_off(self) -> bool:
+        return time.monotonic() < self._retry_at
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if time.monotonic() < self._retry_at:
-            self._failed(len(spans))
+            self._dropped(len(spans), DROP_BACKOFF)
             return SpanExportResult.FAILURE
+        self.attempts += 1
         try:
             result = self._inner.export(spans)
         except Exception as exc:  # an exporter bug must not kill the export thread
@@ -55,7 +125,7 @@ class GuardedSpanExporter(SpanExporter):
             return result
         self._backoff = min(self._max, max(self._min, self._backoff * 2))
         self._retry_at = time.monotonic() + self._backoff
-        self._failed(len(spans))
+        self._dropped(len(spans), DROP_EXPORT_FAILED)
         if not self._warned:
             # Once per process: the endpoint is not logged (it may carry credentials).
             logger.warning(
@@ -65,10 +135,10 @@ class GuardedSpanExporter(SpanExporter):
             self._warned = True
         return result
 
-    def _failed(self, count: int) -> None:
-        if self._on_failure is not None:
+    def _dropped(self, count: int, reason: str) -> None:
+        if self._on_drop is not None:
             try:
-                self._on_failure(count)
+                self._on_drop(count, reason)
             except Exception:
                 pass
 
@@ -83,6 +153,144 @@ class GuardedSpanExporter(SpanExporter):
             return bool(self._inner.force_flush(timeout_millis))
         except Exception:
             return False
+
+
+class SpanQueueProcessor(SpanProcessor):
+    """A batch span processor whose hook-side cost is one bounded append, whatever the
+    collector does, and whose flush and shutdown never outlive their timeout.
+
+    ``on_drop(count, reason)`` counts spans dropped because the queue was full or the
+    processor was shut down (the exporter counts the ones it fails to deliver).
+    """
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        on_drop: OnDrop | None = None,
+        max_queue_size: int = 2048,
+        max_export_batch_size: int = 512,
+        schedule_delay_s: float = 1.0,
+        shutdown_timeout_s: float = 5.0,
+    ) -> None:
+        self.exporter = exporter
+        self._on_drop = on_drop
+        self._max_queue = max_queue_size
+        self._max_batch = max_export_batch_size
+        self._delay = schedule_delay_s
+        self._shutdown_timeout = shutdown_timeout_s
+        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._flush_waiters: list[threading.Event] = []
+        self._stopping = False
+        self._pid = os.getpid()
+        self._worker = threading.Thread(
+            target=self._run, name="llm-otel-span-export", daemon=True
+        )
+        self._worker.start()
+
+    @property
+    def worker_ident(self) -> int | None:
+        """Thread id of the only thread that calls the exporter."""
+        return self._worker.ident
+
+    # --- hook side -------------------------------------------------------------------------
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not (span.context and span.context.trace_flags.sampled):
+            return
+        if self._stopping or os.getpid() != self._pid:
+            # After shutdown, or in a forked child where the worker thread does not exist.
+            self._dropped(1, DROP_SHUTDOWN)
+            return
+        if len(self._queue) >= self._max_queue:
+            self._dropped(1, DROP_QUEUE_FULL)
+            return
+        self._queue.append(span)
+        if len(self._queue) >= self._max_batch and not self._wake.is_set():
+            self._wake.set()
+
+    def _dropped(self, count: int, reason: str) -> None:
+        if self._on_drop is not None:
+            try:
+                self._on_drop(count, reason)
+            except Exception:
+                pass
+
+    # --- worker side -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._delay)
+            self._wake.clear()
+            with self._lock:
+                # Taken before draining: a flush registered later is served next round.
+                waiters, self._flush_waiters = self._flush_waiters, []
+            self._drain()
+            for waiter in waiters:
+                waiter.set()
+            if self._stopping:
+                return
+
+    def _drain(self) -> None:
+        while self._queue:
+            batch: list[ReadableSpan] = []
+            try:
+                while len(batch) < self._max_batch:
+                    batch.append(self._queue.popleft())
+            except IndexError:  # emptied (or cleared by a timed-out shutdown)
+                pass
+            if not batch:
+                return
+            try:
+                self.exporter.export(batch)
+            except Exception as exc:  # the worker must outlive any exporter error
+                logger.debug("span export raised: %s", type(exc).__name__)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Ask the worker to export what is queued; wait at most ``timeout_millis``."""
+        if not self._worker.is_alive():
+            return not self._queue
+        done = threading.Event()
+        with self._lock:
+            self._flush_waiters.append(done)
+        self._wake.set()
+        return done.wait(max(0.0, timeout_millis / 1000.0))
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the worker to end after shutdown (an export in flight included)."""
+        self._worker.join(timeout_s)
+        return not self._worker.is_alive()
+
+    def shutdown(self) -> None:
+        """Export what is queued, waiting at most ``shutdown_timeout_s``, then stop."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._worker.join(self._shutdown_timeout)
+        if self._worker.is_alive():
+            # Still in an export (a hanging collector): what is left is dropped, counted.
+            # Popped one by one: the worker may take some of them at the same time.
+            left = 0
+            try:
+                while True:
+                    self._queue.popleft()
+                    left += 1
+            except IndexError:
+                pass
+            if left:
+                self._dropped(left, DROP_SHUTDOWN)
+        try:
+            self.exporter.shutdown()
+        except Exception:
+            pass
 
 
 class OtlpJsonFileSpanExporter(SpanExporter):

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from opentelemetry import metrics as otel_metrics
@@ -47,6 +48,9 @@ class Telemetry:
         self._recorders: dict[str, Recorder] = {}
         self._lock = threading.Lock()
         self._shutdown_hooks: list[Any] = []
+        # The OTLP/HTTP sessions we built: shutdown sets their deadline.
+        self._sessions: list[Any] = []
+        self.span_processors: list[Any] = []
         self.process_attributes: dict[str, Any] = _process_attributes()
         self.tracer_provider: Any = None
         self.backends: list[Backend] = []
@@ -76,24 +80,25 @@ class Telemetry:
             resource=_resource(settings, self.process_attributes),
             shutdown_on_exit=False,  # we flush at exit ourselves, with a bound
         )
-        for exporter in _span_exporters(settings, self._count_export_failures):
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from .export import SpanQueueProcessor
 
-            provider.add_span_processor(
-                BatchSpanProcessor(
-                    exporter,
-                    schedule_delay_millis=settings.schedule_delay_ms,
-                    export_timeout_millis=settings.export_timeout_s * 1000,
-                )
+        for exporter in _span_exporters(settings, self._count_dropped, self._sessions):
+            processor = SpanQueueProcessor(
+                exporter,
+                on_drop=self._count_dropped,
+                schedule_delay_s=settings.schedule_delay_ms / 1000.0,
+                shutdown_timeout_s=settings.shutdown_timeout_s,
             )
+            self.span_processors.append(processor)
+            provider.add_span_processor(processor)
         self.tracer_provider = provider
         self._shutdown_hooks.append(provider)
         if settings.install_global_provider:
             trace.set_tracer_provider(provider)
         return provider.get_tracer(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
 
-    def _count_export_failures(self, count: int) -> None:
-        self.recorder(catalog.EXPORT_FAILURES).add(("traces",), float(count))
+    def _count_dropped(self, count: int, reason: str) -> None:
+        self.recorder(catalog.EXPORT_FAILURES).add(("traces", reason), float(count))
 
     # --- metrics --------------------------------------------------------------------------
 
@@ -124,7 +129,7 @@ class Telemetry:
             return installed.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        exporter = _metric_exporter(settings)
+        exporter = _metric_exporter(settings, self._sessions)
         reader = PeriodicExportingMetricReader(
             exporter,
             export_interval_millis=settings.metric_export_interval_ms,
@@ -175,19 +180,37 @@ class Telemetry:
         return out
 
     def shutdown(self) -> None:
-        """Flush and stop what we built (never a provider we reused), bounded in time."""
+        """Flush and stop what we built (never a provider we reused).
+
+        Returns within ``shutdown_timeout_s`` in all, whatever the collector does: each
+        provider is flushed and stopped in its own daemon thread (at once: a hanging span
+        export must not keep the metric reader running), all waited for until one deadline,
+        and every OTLP request made meanwhile is capped by that deadline too.
+        """
         timeout = self.settings.shutdown_timeout_s
+        deadline = time.monotonic() + timeout
         for fn in list(_BEFORE_SHUTDOWN):
             try:
                 fn()
             except Exception as exc:
                 logger.debug("telemetry pre-shutdown hook failed: %s", exc)
+        for session in self._sessions:
+            session.deadline = deadline
         hooks, self._shutdown_hooks = self._shutdown_hooks, []
-        if self.tracer_provider is not None and self.tracer_provider not in hooks:
+        reused = self.tracer_provider if self.tracer_provider not in hooks else None
+
+        jobs: list[Any] = [lambda h=hook: (_flush(h, _left(deadline)), h.shutdown())
+                           for hook in hooks]
+        if reused is not None:
             # A reused provider is not ours to shut down, but our spans should leave.
-            _bounded(lambda: _flush(self.tracer_provider, timeout), timeout)
-        for hook in hooks:
-            _bounded(lambda h=hook: (_flush(h, timeout), h.shutdown()), timeout)
+            jobs.append(lambda: _flush(reused, _left(deadline)))
+        workers = [_start(job) for job in jobs]
+        for worker in workers:
+            worker.join(_left(deadline))
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def _flush(provider: Any, timeout_s: float) -> Any:
@@ -197,9 +220,13 @@ def _flush(provider: Any, timeout_s: float) -> Any:
 
 def _bounded(fn: Any, timeout_s: float) -> None:
     """Run ``fn`` in a daemon thread and wait at most ``timeout_s`` for it."""
+    _start(fn).join(timeout_s)
+
+
+def _start(fn: Any) -> threading.Thread:
     worker = threading.Thread(target=_quiet(fn), name="llm-otel-flush", daemon=True)
     worker.start()
-    worker.join(timeout_s)
+    return worker
 
 
 def _quiet(fn: Any) -> Any:
@@ -365,7 +392,30 @@ def _signal_url(base: str, path: str) -> str:
     return trimmed if trimmed.endswith(path) else trimmed + path
 
 
-def _span_exporters(settings: TelemetrySettings, on_failure: Any) -> list[Any]:
+def _http_session(settings: TelemetrySettings, sessions: list[Any]) -> Any:
+    """A one-attempt session for an SDK OTLP/HTTP exporter (see export.OneShotSession).
+
+    None when a credential-provider session is configured: the exporter loads that one.
+    """
+    if any(os.environ.get(name) for name in _CREDENTIAL_PROVIDER_VARIABLES):
+        return None
+    from .export import OneShotSession
+
+    session = OneShotSession(connect_timeout_s=min(1.0, settings.export_timeout_s))
+    sessions.append(session)
+    return session
+
+
+_CREDENTIAL_PROVIDER_VARIABLES = (
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_METRICS_CREDENTIAL_PROVIDER",
+)
+
+
+def _span_exporters(
+    settings: TelemetrySettings, on_drop: Any, sessions: list[Any]
+) -> list[Any]:
     from .export import GuardedSpanExporter, OtlpJsonFileSpanExporter
 
     exporters: list[Any] = []
@@ -390,14 +440,15 @@ def _span_exporters(settings: TelemetrySettings, on_failure: Any) -> list[Any]:
                 endpoint=_signal_url(settings.endpoint, "/v1/traces"),
                 headers=_headers(settings) or None,
                 timeout=settings.export_timeout_s,
+                session=_http_session(settings, sessions),
             )
-        exporters.append(GuardedSpanExporter(inner, on_failure))
+        exporters.append(GuardedSpanExporter(inner, on_drop))
     if settings.traces_file:
         exporters.append(GuardedSpanExporter(OtlpJsonFileSpanExporter(settings.traces_file)))
     return exporters
 
 
-def _metric_exporter(settings: TelemetrySettings) -> Any:
+def _metric_exporter(settings: TelemetrySettings, sessions: list[Any]) -> Any:
     endpoint = settings.metrics_endpoint or settings.endpoint or ""
     if settings.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -418,4 +469,5 @@ def _metric_exporter(settings: TelemetrySettings) -> Any:
         endpoint=_signal_url(endpoint, "/v1/metrics"),
         headers=_headers(settings) or None,
         timeout=settings.export_timeout_s,
+        session=_http_session(settings, sessions),
     )
