@@ -8,6 +8,13 @@ increment the counter (label children pre-bound). The wrapped side is
 ``callback.run_callback_sync(hook)`` on a ``RayServeLLMCallback``.
 
 Run: ``python benchmarks/hook_overhead.py [--iterations N] [--rounds R]``. Goal: ratio <= 1.2.
+
+``--collectors`` adds the collector-down run: the same no-op hook on three callbacks that
+export for real (OTLP/HTTP spans and metrics, our exporter stack) to a healthy collector, a
+closed port and a collector that accepts and never answers, timed call by call in
+interleaved rounds of one process. Goal: per-call cost unchanged (ratios ~1, p99 within
+1 ms, no call stalled). ``benchmarks/collector_down.py`` measures the full collections and
+the shutdown.
 """
 
 from __future__ import annotations
@@ -131,10 +138,69 @@ def measure(iterations: int, rounds: int) -> dict[str, Any]:
     }
 
 
+COLLECTOR_MODES = ("healthy", "closed", "hang")
+
+
+def measure_collectors(iterations: int, rounds: int) -> dict[str, Any]:
+    """Per-call cost of one no-op hook with the collector healthy, down, and hanging."""
+    import contextlib
+    import statistics
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests._support.fault_collector import FaultCollector
+
+    hook = "on_before_node_init"
+    per_call: dict[str, list[float]] = {mode: [] for mode in COLLECTOR_MODES}
+    round_means: dict[str, list[float]] = {mode: [] for mode in COLLECTOR_MODES}
+    with contextlib.ExitStack() as stack:
+        callbacks = {}
+        for mode in COLLECTOR_MODES:
+            collector = stack.enter_context(FaultCollector(mode))
+            cb = NoopSync(llm_config=None, ctx_kwargs={}, telemetry={
+                "endpoint": collector.endpoint, "metrics_backend": "prometheus",
+                # Our own pipeline, not the discarding provider setup_provider() installs.
+                "reuse_installed_provider": False, "shutdown_timeout_s": 1.0})
+            cb.run_callback_sync(hook)
+            callbacks[mode] = cb
+        clock = time.perf_counter
+        for _ in range(rounds):  # interleaved, so drift hits every mode alike
+            for mode, cb in callbacks.items():
+                run = cb.run_callback_sync
+                samples = per_call[mode]
+                t_round = clock()
+                for i in range(iterations):
+                    t0 = clock()
+                    run(hook)
+                    samples.append(clock() - t0)
+                    if i % 10 == 9:
+                        time.sleep(0.0005)  # let the export worker run, as between hooks
+                round_means[mode].append((clock() - t_round) / iterations)
+        for cb in callbacks.values():
+            get_telemetry(cb.telemetry_settings).shutdown()
+    out: dict[str, Any] = {"iterations_per_round": iterations, "rounds": rounds}
+    for mode, samples in per_call.items():
+        ordered = sorted(samples)
+        out[mode] = {
+            "median_us": round(statistics.median(ordered) * 1e6, 1),
+            "p99_us": round(ordered[int(len(ordered) * 0.99)] * 1e6, 1),
+            "max_us": round(ordered[-1] * 1e6, 1),
+            "calls_over_1ms": sum(1 for x in ordered if x > 1e-3),
+        }
+    base = out["healthy"]
+    for mode in COLLECTOR_MODES[1:]:
+        out[f"ratio_median_{mode}"] = round(out[mode]["median_us"] / base["median_us"], 3)
+        out[f"p99_delta_{mode}_us"] = round(out[mode]["p99_us"] - base["p99_us"], 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--collectors", action="store_true",
+                        help="also run the collector-down comparison (healthy, closed, hang)")
     args = parser.parse_args()
     result = measure(args.iterations, args.rounds)
     print(json.dumps(result, indent=2))
@@ -142,6 +208,15 @@ def main() -> None:
         f"wrapped hook {result['wrapped_sync_us']} us vs bare primitives {result['bare_us']} us"
         f" -> ratio {result['ratio_sync']} (goal <= 1.2)"
     )
+    if args.collectors:
+        down = measure_collectors(max(1, args.iterations // 4), args.rounds)
+        print(json.dumps(down, indent=2))
+        for mode in COLLECTOR_MODES[1:]:
+            print(
+                f"collector {mode}: median {down[mode]['median_us']} us vs healthy "
+                f"{down['healthy']['median_us']} us (ratio {down[f'ratio_median_{mode}']}), "
+                f"p99 {down[f'p99_delta_{mode}_us']:+} us, max {down[mode]['max_us']} us"
+            )
 
 
 if __name__ == "__main__":

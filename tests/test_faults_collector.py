@@ -105,8 +105,8 @@ def test_dead_collector_makes_no_old_generation_garbage(healthy_run: HookRun) ->
     """The full-collection stall: with a process of ~660k objects (Ray and vLLM imported),
     a full collection takes ~350 ms, and it comes when enough objects have survived into
     the old generation. The SDK's retrying exporter against a closed port leaves its failed
-    attempts' garbage there (measured in benchmarks/collector_down.py --stock). Ours must
-    not leave more than a healthy collector does."""
+    attempts' garbage there (benchmarks/collector_down.py, run stock:closed). Ours must not
+    leave more than a healthy collector does."""
     import gc
 
     assert len(gc.get_objects()) > 100_000  # the test runs in a heavy process, as a replica
@@ -118,9 +118,10 @@ def test_dead_collector_makes_no_old_generation_garbage(healthy_run: HookRun) ->
     healthy, closed = runs
     print("gc healthy:", json.dumps(healthy.summary()))
     print("gc closed:", json.dumps(closed.summary()))
-    # A few thousand objects of slack: the window is ~5 s of a live process.
-    assert closed.gen2_growth <= max(healthy.gen2_growth, 0) + 5000, (closed.summary(),
-                                                                       healthy.summary())
+    # The stock exporter leaves ~1,000 objects a second there (benchmarks/collector_down.py:
+    # 11,698 in 10 s); ours none. Slack for the rest of this process (servers, pytest).
+    assert closed.old_garbage <= healthy.old_garbage + 2000, (closed.summary(),
+                                                              healthy.summary())
     assert closed.full_gcs <= healthy.full_gcs + 1, (closed.summary(), healthy.summary())
     assert closed.export_attempts <= 4, closed.summary()
 
