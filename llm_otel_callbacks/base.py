@@ -22,7 +22,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode, set_span_in_context
 from pydantic import BaseModel
 
-from . import catalog
+from . import _sigterm, catalog
 from ._callers import call_async, call_sync
 from ._observe import HookObserver
 from ._ray import CallbackBase
@@ -173,6 +173,7 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
 
     def _make_local(self) -> _Local:
         tel = get_telemetry(self.telemetry_settings)
+        _sigterm.watch(tel)
         cls = type(self)
         local = _Local(HookObserver(tel, self.callback_name, f"{cls.__module__}.{cls.__qualname__}",
                                     self.model_id))
@@ -344,7 +345,12 @@ _EXIT_LOCK = threading.Lock()
 
 @before_shutdown
 def _close_open_startups() -> None:
+    _end_open_startups("process exited before the replica finished starting")
+
+
+@_sigterm.before_flush
+def _end_open_startups(reason: str) -> None:
     with _EXIT_LOCK:
         for callback, _local in list(_OPEN_STARTUPS):
-            callback.end_startup("process exited before the replica finished starting")
+            callback.end_startup(reason)
         _OPEN_STARTUPS.clear()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .. import _sigterm
 from .._ray import llm_server_class
 from .._request_hooks import RequestHooks
 from ..base import HookTarget, RayServeLLMCallback
@@ -76,7 +77,9 @@ class ObservedLLMServer(LLMServer):  # type: ignore[misc,valid-type]
 def _telemetry_of(callback: Any) -> Telemetry:
     if isinstance(callback, RayServeLLMCallback):
         return callback._observer.tel
-    return get_telemetry(TelemetrySettings.resolve(None))
+    tel = get_telemetry(TelemetrySettings.resolve(None))
+    _sigterm.watch(tel)  # a plain Ray callback: still flush the engine-start spans on SIGTERM
+    return tel
 
 
 def _targets_of(callback: Any) -> list[HookTarget]:
