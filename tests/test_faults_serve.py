@@ -1,8 +1,9 @@
 """Serving under faults on the real CPU Serve deployment (one Ray, two apps).
 
 App ``burst``: ``ObservedLLMServer`` with a Composite of every built-in, two replicas on one
-node, telemetry pointed at a closed port (the collector is down) and Serve's own tracing off.
-It carries the burst test, the two-replicas test and the rebuilt-callback test.
+node, telemetry pointed at the in-test receiver, which goes down (its port closed) before the
+burst under test; Serve's own tracing off. It carries the burst test, the two-replicas test and
+the download-worker-reuse test.
 
 App ``sig``: a replica whose last Composite child sleeps in ``on_before_node_init``; the test
 sends SIGTERM to that replica and checks that the spans already ended reach the in-test OTLP
@@ -164,7 +165,7 @@ class Env:
     tmp: Path
     model_dir: Path
     env: dict[str, str]
-    dead_endpoint: str
+    rx: OtlpHttpReceiver  # the collector: up for the first burst, then down
     probe_path: Path
     sent: int = 0  # requests sent to the burst app
     output_tokens: int = 0
@@ -177,7 +178,7 @@ class Env:
         return [r for r in out if hook is None or r["hook"] == hook]
 
     def burst_telemetry(self) -> dict[str, Any]:
-        return {"endpoint": self.dead_endpoint, "export_timeout_s": 2}
+        return {"endpoint": self.rx.endpoint, "export_timeout_s": 2}
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +193,12 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
     envv = dict(VLLM_CPU_ENV)
     # Logical CPUs: two replicas (own group + CustomPlacementGroup's) plus the sig replica.
     run = start_local_ray(tmp / "ray", num_cpus=10, env=envv)
+    rx = OtlpHttpReceiver(port=free_port()).start()
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})  # Serve tracing off
         e = Env(run, f"http://127.0.0.1:{port}", tmp, tiny_model_dir, envv,
-                dead_endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+                rx=rx,
                 probe_path=tmp / "probe.jsonl")
         config = _llm_config(MODEL, tiny_model_dir, envv, _burst_children(e.probe_path, "burst"),
                              e.burst_telemetry(), num_replicas=2)
@@ -214,6 +216,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
         try:
             serve.shutdown()
         finally:
+            rx.fail_status = 503
+            rx.stop()
             run.shutdown()
 
 
@@ -255,17 +259,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def test_burst_with_collector_down_every_request_succeeds(env: Env) -> None:
-    import httpx
-
-    # Warm-up (the first request pays for sampling setup); counted like any other.
-    warm = httpx.post(env.base + "/v1/chat/completions", timeout=120, json={
-        "model": MODEL, "max_tokens": 2, "temperature": 0,
-        "messages": [{"role": "user", "content": "hi"}]})
-    assert warm.status_code == 200, warm.text
-    env.sent += 1
-    env.output_tokens += warm.json()["usage"]["completion_tokens"]
-
+def _run_burst(env: Env) -> dict[str, Any]:
     t0 = time.perf_counter()
     results = asyncio.run(_burst(env.base, BURST_REQUESTS, BURST_CONCURRENCY))
     wall = time.perf_counter() - t0
@@ -277,16 +271,43 @@ def test_burst_with_collector_down_every_request_succeeds(env: Env) -> None:
     assert all(r[2] for r in results), "a stream did not end with [DONE]"
     assert all(r[3] == BURST_MAX_TOKENS for r in results)  # complete streams
     lat = [r[1] for r in results]
-    env.figures["burst"] = {
-        "requests": BURST_REQUESTS, "concurrency": BURST_CONCURRENCY, "wall_s": round(wall, 2),
-        "p50_s": round(statistics.median(lat), 3), "p99_s": round(_pct(lat, 0.99), 3),
-        "max_s": round(max(lat), 3),
-    }
-    # The collector really was down: nothing listens on the endpoint's port.
+    return {"wall_s": round(wall, 2), "p50_s": round(statistics.median(lat), 3),
+            "p99_s": round(_pct(lat, 0.99), 3), "max_s": round(max(lat), 3)}
+
+
+def test_burst_with_collector_down_every_request_succeeds(env: Env) -> None:
     import socket
 
+    import httpx
+
+    # Warm-up (the first request pays for sampling setup); counted like any other.
+    warm = httpx.post(env.base + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "max_tokens": 2, "temperature": 0,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert warm.status_code == 200, warm.text
+    env.sent += 1
+    env.output_tokens += warm.json()["usage"]["completion_tokens"]
+    figures: dict[str, Any] = {"requests": BURST_REQUESTS, "concurrency": BURST_CONCURRENCY}
+
+    # Baseline, same deployment: the collector is up and receives every request span.
+    figures["collector_up"] = _run_burst(env)
+
+    def chats(spans: list[Any]) -> list[Any]:
+        return [s for s in spans if s.attributes.get("gen_ai.operation.name") == "chat"]
+
+    env.rx.wait_for_spans(lambda ss: len(chats(ss)) >= BURST_REQUESTS + 1, timeout=30)
+
+    # The collector goes down: its port closes (connections the exporters still hold get
+    # 503s), and the same burst runs again.
+    env.rx.fail_status = 503
+    env.rx.stop()
+    port = env.rx.port
     with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", int(env.dead_endpoint.rsplit(":", 1)[1])), 1)
+        socket.create_connection(("127.0.0.1", port), 1)
+    figures["collector_down"] = _run_burst(env)
+    env.figures["burst"] = figures
+    with pytest.raises(OSError):  # it stayed down throughout
+        socket.create_connection(("127.0.0.1", port), 1)
 
 
 # --- 2. two replicas on one node --------------------------------------------------------------
@@ -320,7 +341,7 @@ def test_two_replicas_one_series_each_no_double_count(env: Env) -> None:
         # One tracer provider in each replica process: ours (the collector-down one), built
         # once; Serve tracing is off, so the global slot stays Ray's/OTel's proxy.
         (state,) = rep["states"]
-        assert state["endpoint"] == env.dead_endpoint
+        assert state["endpoint"] == env.rx.endpoint
         assert rep["sdk_tracer_providers"] == [state["tracer_provider"]], rep
         assert rep["global_provider"] == "ProxyTracerProvider"
         # Inside Ray metrics go through Ray's export port: no port of our own to clash on.
@@ -413,7 +434,7 @@ def test_download_worker_reused_across_deployments(env: Env) -> None:
     if other["pid"] == first["pid"]:
         # Another config: its own telemetry beside the first, never replacing it.
         assert len(other["states"]) == 2 and other["states"][0] == s1
-        assert {s["endpoint"] for s in other["states"]} == {env.dead_endpoint, other_endpoint}
+        assert {s["endpoint"] for s in other["states"]} == {env.rx.endpoint, other_endpoint}
         assert len(other["sdk_tracer_providers"]) == 2
         assert other["global_provider"] == "ProxyTracerProvider"
         assert all(s["prometheus_port"] is None for s in other["states"])
