@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 from typing import Any
 
 from opentelemetry import trace
@@ -69,7 +70,7 @@ class Composite(RayServeLLMCallback):
             if child is not None:
                 self.children.append(child)
         self.vetoed_by: str | None = None
-        self._check_children_pickle()
+        self._check_children_pickle("at construction")
 
     # --- construction -------------------------------------------------------------------------
 
@@ -157,26 +158,30 @@ class Composite(RayServeLLMCallback):
 
     # --- pickling: Ray sends the composite to every node's download task -------------------
 
-    def _check_children_pickle(self) -> None:
-        """Find children Ray could not send to the download tasks, now rather than at
-        ``initialize_node``: raise for a child whose policy is to raise, else run it in the
-        replica only (it is left out of the pickle) and record why."""
-        for child in list(self.children):
-            problem = self._pickle_problem(child)
+    def _check_children_pickle(self, when: str = "construction") -> list[Child]:
+        """Children Ray could not send to the download tasks: raise for one whose policy is
+        to raise, else keep it in the replica only (left out of the pickle) and record why.
+        Checked at construction, and again when Ray pickles (state set by a hook since).
+        Returns the children that travel."""
+        travelling = []
+        for index, child in enumerate(self.children):
+            problem = None if child.local_only else self._pickle_problem(child)
             if problem is None:
+                if not child.local_only:
+                    travelling.append(child)
                 continue
             message = (
                 f"callback '{child.name}' does not survive pickling, which Ray does to send it "
-                f"to every node's download task: {problem}. Create unpicklable handles "
-                "(locks, clients, sockets) lazily, or drop them in __getstate__"
+                f"to every node's download task ({when}): {problem}. Create unpicklable "
+                "handles (locks, clients, sockets) lazily, or drop them in __getstate__"
             )
             if child.raise_error:
-                index = next(i for i, c in enumerate(self.children) if c is child)
                 raise CallbackConfigError(f"callbacks[{index}] ({child.name}): {message}")
             child.local_only = True
             self._child_failed(
                 child.name, child.class_name, "__getstate__", _PickleError(problem), message
             )
+        return travelling
 
     def _pickle_problem(self, child: Child) -> str | None:
         instance = child.instance
@@ -193,9 +198,18 @@ class Composite(RayServeLLMCallback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        local_only = [c for c in self.children if c.local_only]
-        if local_only:
-            state["children"] = [c for c in self.children if c not in local_only]
+        if getattr(_PICKLING, "active", False):
+            # Re-entered while checking a child (something of its references us): the
+            # outer call decides.
+            travelling = [c for c in self.children if not c.local_only]
+        else:
+            _PICKLING.active = True
+            try:
+                travelling = self._check_children_pickle("at pickling")
+            finally:
+                _PICKLING.active = False
+        if len(travelling) != len(self.children):
+            state["children"] = travelling
         return state
 
     def hook_targets(self) -> list[HookTarget]:
@@ -448,6 +462,9 @@ def _check_kwargs(target: Any, kwargs: dict[str, Any], **fixed: Any) -> None:
 
 def _class_name(target: Any) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+
+
+_PICKLING = threading.local()
 
 
 class _PickleError(TypeError):

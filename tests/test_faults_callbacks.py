@@ -6,8 +6,8 @@ What test_composite_ray / test_core_ray already cover (a child raising or timing
 * a child raising, and one hanging past its ``timeout_s``, in the *download* hook, which
   Ray runs with ``run_callback_sync`` in a task on the node, after the pickle;
 * a child raising in ``__init__``;
-* a child holding unpicklable state (a lock, a socket), at construction and in the offline
-  ``check`` command (a real subprocess).
+* a child holding unpicklable state (a lock, a socket), at construction, when Ray pickles
+  (state a hook made unpicklable), and in the offline ``check`` command (a subprocess).
 
 With the raise policy the error reaches the caller and names the child, the hook and the
 cause. With the log policy startup goes on (``on_after_node_init`` runs) and the failure is
@@ -77,6 +77,16 @@ class HoldsLock(RayServeLLMCallback):
 
     def on_before_node_init(self) -> None:
         self.ctx.custom_data["lock_child_ran_in_replica"] = True
+
+    def on_before_download_model_files_distributed(self) -> None:
+        raise AssertionError("an unpicklable child must not reach the download task")
+
+
+class LocksInHook(RayServeLLMCallback):
+    """Picklable when built; a hook then opens a handle Ray cannot send to the nodes."""
+
+    def on_before_node_init(self) -> None:
+        self.guard = threading.Lock()
 
     def on_before_download_model_files_distributed(self) -> None:
         raise AssertionError("an unpicklable child must not reach the download task")
@@ -274,6 +284,34 @@ def test_unpicklable_child_with_log_policy_stays_in_the_replica(
     assert download.resource_attributes["process.pid"] != os.getpid()
     assert download.attributes[catalog.A_OUTCOME] == "ok"
     assert _child_span(otlp_receiver.spans(), DOWNLOAD, "locked") is None
+
+
+@pytest.mark.parametrize("raise_error", [True, False])
+def test_state_made_unpicklable_by_a_hook_is_caught_when_ray_pickles(
+    ray_local: Any, tiny_model_dir: Path, otlp_receiver: OtlpHttpReceiver, raise_error: bool
+) -> None:
+    child = {"callback_class": M + "LocksInHook", "name": "late_lock",
+             "raise_error_on_callback": raise_error}
+    llm_config = make_llm_config(tiny_model_dir, COMPOSITE, _kwargs(otlp_receiver, child))
+    if raise_error:
+        # Raised where Ray pickles the LLMConfig into the download task (initialize_node).
+        with pytest.raises(CallbackConfigError) as info:
+            start_like_vllm_engine(llm_config)
+        message = str(info.value)
+        assert message.startswith("callbacks[0] (late_lock): callback 'late_lock' does not "
+                                  "survive pickling"), message
+        assert "(at pickling)" in message and "attribute 'guard' holds a _thread.lock" in message
+        remove_pg(llm_config.get_or_create_callback())
+        return
+    callback = start_like_vllm_engine(llm_config)
+    remove_pg(callback)
+    assert callback.ctx.custom_data.get("after_ran") is True
+    assert "attribute 'guard'" in callback.failed_children["late_lock"]
+    span = _wait_child_span(otlp_receiver, "__getstate__", "late_lock")
+    assert span.attributes[catalog.A_OUTCOME] == "error"
+    download = otlp_receiver.wait_for_span(catalog.SPAN_HOOK_PREFIX + DOWNLOAD, timeout=60)
+    assert download.attributes[catalog.A_OUTCOME] == "ok"
+    assert _child_span(otlp_receiver.spans(), DOWNLOAD, "late_lock") is None
 
 
 def _check(tmp_path: Path, name: str, yaml_text: str) -> subprocess.CompletedProcess[str]:
