@@ -101,29 +101,32 @@ def test_collector_fault_never_reaches_the_hook(mode: str, healthy_run: HookRun)
         assert 1 <= run.connections <= run.export_attempts + 12, run.summary()
 
 
-def test_dead_collector_makes_no_old_generation_garbage(healthy_run: HookRun) -> None:
+def test_dead_or_hanging_collector_makes_no_old_generation_garbage(
+    healthy_run: HookRun,
+) -> None:
     """The full-collection stall: with a process of ~660k objects (Ray and vLLM imported),
-    a full collection takes ~350 ms, and it comes when enough objects have survived into
+    a full collection takes ~350 ms, and it comes when enough cyclic garbage has reached
     the old generation. The SDK's retrying exporter against a closed port leaves its failed
-    attempts' garbage there (benchmarks/collector_down.py, run stock:closed). Ours must not
-    leave more than a healthy collector does."""
+    attempts' garbage there (~1,000 objects a second, benchmarks/collector_down.py run
+    stock:closed), and a failed export's traceback keeps its (old) batch of spans in a
+    cycle (~11,000 objects per 6 s with a hanging collector before OneShotSession.release).
+    Ours must not leave more than a healthy collector does."""
     import gc
 
     assert len(gc.get_objects()) > 100_000  # the test runs in a heavy process, as a replica
-    runs = []
-    for mode in ("healthy", "closed"):
+    runs = {}
+    for mode in ("healthy", "closed", "hang"):
         reset_telemetry()
         with FaultCollector(mode) as collector:
-            runs.append(run_hooks(collector, 4000, pause_every=1, pause_s=0.001))
-    healthy, closed = runs
-    print("gc healthy:", json.dumps(healthy.summary()))
-    print("gc closed:", json.dumps(closed.summary()))
-    # The stock exporter leaves ~1,000 objects a second there (benchmarks/collector_down.py:
-    # 11,698 in 10 s); ours none. Slack for the rest of this process (servers, pytest).
-    assert closed.old_garbage <= healthy.old_garbage + 2000, (closed.summary(),
-                                                              healthy.summary())
-    assert closed.full_gcs <= healthy.full_gcs + 1, (closed.summary(), healthy.summary())
-    assert closed.export_attempts <= 4, closed.summary()
+            runs[mode] = run_hooks(collector, 3000, pause_every=1, pause_s=0.001)
+        print(f"gc {mode}:", json.dumps(runs[mode].summary()))
+    healthy = runs["healthy"]
+    for mode in ("closed", "hang"):
+        run = runs[mode]
+        # Slack for the rest of this process (servers, pytest).
+        assert run.old_garbage <= healthy.old_garbage + 2000, (run.summary(), healthy.summary())
+        assert run.full_gcs <= healthy.full_gcs + 1, (run.summary(), healthy.summary())
+        assert run.export_attempts <= 4, run.summary()
 
 
 _EXIT_SCRIPT = textwrap.dedent("""
@@ -153,15 +156,19 @@ def _start_exit_run(mode: str, shutdown_timeout_s: float) -> subprocess.Popen[st
 
 def test_process_exit_is_bounded_with_a_dead_or_hanging_collector() -> None:
     """A process that exported spans to a closed port or a hanging collector ends its
-    telemetry within ``shutdown_timeout_s`` of its last hook (not after the exporter's
-    retries: ~9 to 14 s with the stock exporter), and nothing of ours holds the exit after
-    that: the rest of the exit takes as long as with a healthy collector (run beside it)."""
+    telemetry within ``shutdown_timeout_s`` of its last hook, not after the exporter's
+    retries (12.9 to 14.4 s with the stock SDK pipeline, benchmarks/collector_down.py).
+
+    The flush is timed by an atexit handler that runs after telemetry's. The interpreter
+    joins non-daemon threads before it runs atexit handlers, so a thread of ours holding the
+    exit would show in that time too; what follows is interpreter teardown (reported, not
+    asserted: on a loaded 2-core machine it varies from 2 s to over a minute)."""
     bound_s = 2.0
-    procs = {mode: _start_exit_run(mode, bound_s) for mode in ("healthy", "closed", "hang")}
+    procs = {mode: _start_exit_run(mode, bound_s) for mode in ("closed", "hang")}
 
     def finish(proc: subprocess.Popen[str]) -> tuple[str, str, float]:
-        # Generous: importing Ray and vLLM on a loaded 2-core machine can take a minute.
-        out, err = proc.communicate(timeout=300)
+        # Generous: importing Ray and vLLM on a loaded 2-core machine can take minutes.
+        out, err = proc.communicate(timeout=400)
         return out, err, time.time()
 
     with ThreadPoolExecutor(len(procs)) as pool:  # each exit timed as it happens
@@ -176,9 +183,46 @@ def test_process_exit_is_bounded_with_a_dead_or_hanging_collector() -> None:
         flushed[mode] = round(next(x["flushed"] for x in lines if "flushed" in x) - last, 2)
         exited[mode] = round(ended - last, 2)
     print("telemetry shut down after last hook (s):", flushed, "process gone (s):", exited)
-    for mode in ("closed", "hang"):
+    for mode in procs:
         assert flushed[mode] <= bound_s + SHUTDOWN_SLACK_S, (mode, flushed)
-        # After that, interpreter teardown only, as long as with a healthy collector (an
-        # export still holding the exit would add its timeout, >= 2 s).
-        teardown = exited[mode] - flushed[mode]
-        assert teardown <= exited["healthy"] - flushed["healthy"] + 1.5, (mode, flushed, exited)
+    # The hanging collector really held the flush until the bound (the test can tell).
+    assert flushed["hang"] >= bound_s - 0.1, flushed
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_exports_through_its_own_worker(tmp_path: Path) -> None:
+    """A forked child (an engine process) inherits the span queue but not its thread: it
+    gets a worker of its own, so its spans are exported, not dropped."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from llm_otel_callbacks.telemetry.export import (
+        GuardedSpanExporter,
+        OtlpJsonFileSpanExporter,
+        SpanQueueProcessor,
+    )
+
+    out = tmp_path / "spans.jsonl"
+    drops: list[tuple[int, str]] = []
+    processor = SpanQueueProcessor(
+        GuardedSpanExporter(OtlpJsonFileSpanExporter(str(out))),
+        on_drop=lambda n, reason: drops.append((n, reason)), schedule_delay_s=5.0,
+    )
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("fork-test")
+    tracer.start_span("in-parent").end()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, exit code only
+        code = 1
+        try:
+            tracer.start_span("in-child").end()
+            code = 0 if processor.force_flush(5000) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert processor.force_flush(5000)
+    text = out.read_text()
+    assert text.count('"name":"in-child"') == 1 and text.count('"name":"in-parent"') == 1
+    assert not drops
+    provider.shutdown()

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,24 +65,48 @@ class OneShotSession(requests.Session):
         super().__init__()
         self.connect_timeout_s = connect_timeout_s
         self.deadline: float | None = None
+        self._last_error: ExportAttemptFailed | None = None
+
+    def release(self) -> None:
+        """Drop the traceback of the last failure.
+
+        The SDK keeps the error on a result object its export frame holds, and the
+        traceback's frames hold their callers (up to that export frame and its batch of
+        spans): a reference cycle. The spans are old by then (they waited in the queue, or
+        in a request to a hanging collector), so only a full collection would free them,
+        ~1,000 objects a second with a hanging collector. Without the traceback,
+        reference counting frees them at once.
+        """
+        error, self._last_error = self._last_error, None
+        if error is not None:
+            error.__traceback__ = None
+            error.__context__ = None
+
+    def _fail(self, reason: str) -> ExportAttemptFailed:
+        self.release()
+        error = self._last_error = ExportAttemptFailed(reason)
+        return error
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.release()
         timeout = kwargs.get("timeout")
         read = float(timeout) if isinstance(timeout, (int, float)) else 10.0
         if self.deadline is not None:
             read = min(read, self.deadline - time.monotonic())
             if read <= 0:
-                raise ExportAttemptFailed("shutdown deadline passed")
+                raise self._fail("shutdown deadline passed")
         kwargs["timeout"] = (min(self.connect_timeout_s, read), read)
         try:
             response = super().request(method, url, *args, **kwargs)
         except requests.RequestException as exc:
             # The cause is named, the URL is not (its query may carry credentials).
-            raise ExportAttemptFailed(type(exc).__name__) from None
+            reason = type(exc).__name__
+            del exc  # its traceback holds this frame's callers too
+            raise self._fail(reason) from None
         if response.status_code in _RETRYABLE_STATUS:
             status = response.status_code
             response.close()
-            raise ExportAttemptFailed(f"HTTP {status}")
+            raise self._fail(f"HTTP {status}")
         return response
 
 
@@ -95,8 +120,10 @@ class GuardedSpanExporter(SpanExporter):
         *,
         min_backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
+        session: OneShotSession | None = None,
     ) -> None:
         self._inner = inner
+        self._session = session
         self._on_drop = on_drop
         self._min = min_backoff_s
         self._max = max_backoff_s
@@ -120,6 +147,8 @@ class GuardedSpanExporter(SpanExporter):
         except Exception as exc:  # an exporter bug must not kill the export thread
             logger.debug("span export raised: %s", type(exc).__name__)
             result = SpanExportResult.FAILURE
+        if self._session is not None:
+            self._session.release()  # frees the failed batch now (see release)
         if result is SpanExportResult.SUCCESS:
             self._backoff = 0.0
             return result
@@ -184,6 +213,23 @@ class SpanQueueProcessor(SpanProcessor):
         self._lock = threading.Lock()
         self._flush_waiters: list[threading.Event] = []
         self._stopping = False
+        self._start_worker()
+        if hasattr(os, "register_at_fork"):
+            # A forked child (e.g. an engine process) inherits this object but no thread.
+            ref = weakref.ref(self)
+
+            def after_fork() -> None:
+                processor = ref()
+                if processor is not None:
+                    processor._start_worker()
+
+            os.register_at_fork(after_in_child=after_fork)
+
+    def _start_worker(self) -> None:
+        self._queue.clear()
+        self._lock = threading.Lock()
+        self._flush_waiters = []
+        self._wake = threading.Event()
         self._pid = os.getpid()
         self._worker = threading.Thread(
             target=self._run, name="llm-otel-span-export", daemon=True
@@ -203,8 +249,7 @@ class SpanQueueProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if not (span.context and span.context.trace_flags.sampled):
             return
-        if self._stopping or os.getpid() != self._pid:
-            # After shutdown, or in a forked child where the worker thread does not exist.
+        if self._stopping:
             self._dropped(1, DROP_SHUTDOWN)
             return
         if len(self._queue) >= self._max_queue:

@@ -425,6 +425,7 @@ def _span_exporters(
                 OTLPSpanExporter as GrpcSpanExporter,
             )
 
+            session = None
             inner: Any = GrpcSpanExporter(
                 endpoint=settings.endpoint,
                 headers=_headers(settings) or None,
@@ -436,13 +437,14 @@ def _span_exporters(
                 OTLPSpanExporter as HttpSpanExporter,
             )
 
+            session = _http_session(settings, sessions)
             inner = HttpSpanExporter(
                 endpoint=_signal_url(settings.endpoint, "/v1/traces"),
                 headers=_headers(settings) or None,
                 timeout=settings.export_timeout_s,
-                session=_http_session(settings, sessions),
+                session=session,
             )
-        exporters.append(GuardedSpanExporter(inner, on_drop))
+        exporters.append(GuardedSpanExporter(inner, on_drop, session=session))
     if settings.traces_file:
         exporters.append(GuardedSpanExporter(OtlpJsonFileSpanExporter(settings.traces_file)))
     return exporters
