@@ -165,8 +165,20 @@ def measure_collectors(iterations: int, rounds: int) -> dict[str, Any]:
             cb.run_callback_sync(hook)
             callbacks[mode] = cb
         clock = time.perf_counter
+        # Full collections, charged to the mode whose calls were running. (The healthy
+        # collector's in-process receiver keeps every span it decodes: that growth, not a
+        # fault, is what triggers them here; collector_down.py measures them per process.)
+        full_gcs: dict[str, int] = {mode: 0 for mode in COLLECTOR_MODES}
+        current = ["healthy"]
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start" and info["generation"] == 2:
+                full_gcs[current[0]] += 1
+
+        gc.callbacks.append(on_gc)
         for _ in range(rounds):  # interleaved, so drift hits every mode alike
             for mode, cb in callbacks.items():
+                current[0] = mode
                 run = cb.run_callback_sync
                 samples = per_call[mode]
                 t_round = clock()
@@ -177,6 +189,7 @@ def measure_collectors(iterations: int, rounds: int) -> dict[str, Any]:
                     if i % 10 == 9:
                         time.sleep(0.0005)  # let the export worker run, as between hooks
                 round_means[mode].append((clock() - t_round) / iterations)
+        gc.callbacks.remove(on_gc)
         for cb in callbacks.values():
             get_telemetry(cb.telemetry_settings).shutdown()
     out: dict[str, Any] = {"iterations_per_round": iterations, "rounds": rounds}
@@ -187,6 +200,7 @@ def measure_collectors(iterations: int, rounds: int) -> dict[str, Any]:
             "p99_us": round(ordered[int(len(ordered) * 0.99)] * 1e6, 1),
             "max_us": round(ordered[-1] * 1e6, 1),
             "calls_over_1ms": sum(1 for x in ordered if x > 1e-3),
+            "full_gcs": full_gcs[mode],
         }
     base = out["healthy"]
     for mode in COLLECTOR_MODES[1:]:
@@ -215,7 +229,8 @@ def main() -> None:
             print(
                 f"collector {mode}: median {down[mode]['median_us']} us vs healthy "
                 f"{down['healthy']['median_us']} us (ratio {down[f'ratio_median_{mode}']}), "
-                f"p99 {down[f'p99_delta_{mode}_us']:+} us, max {down[mode]['max_us']} us"
+                f"p99 {down[f'p99_delta_{mode}_us']:+} us, max {down[mode]['max_us']} us "
+                f"(full GCs in its calls: {down[mode]['full_gcs']})"
             )
 
 
