@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads True as 1: a limit or timeout of "true" is a mistake.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+#: A float field that refuses booleans (ints and floats are fine).
+Number = Annotated[float, BeforeValidator(_not_bool)]
+#: An int field that refuses booleans.
+Count = Annotated[int, BeforeValidator(_not_bool)]
 
 
 class CallbackConfigError(ValueError):

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import ray
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from llm_otel_callbacks import CallbackConfigError, Composite
@@ -147,6 +147,7 @@ def bad_int(minimum: int, maximum: int | None = None) -> st.SearchStrategy[Any]:
         st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: f != int(f)),
         NOT_NUMBER_TEXT,
         CONTAINERS,
+        st.booleans(),  # pydantic's lax mode would read True as 1
     ]
     if maximum is not None:
         bad.append(st.integers(min_value=maximum + 1))
@@ -344,7 +345,7 @@ POLICY_NAMES = {"MODEL_AND_TOKENIZER", "TOKENIZER_ONLY", "EXCLUDE_SAFETENSORS", 
 BAD_BUNDLES = st.one_of(
     st.sampled_from([[], [{}], [{"CPU": -1}], [{"CPU": math.nan}], [{"CPU": math.inf}],
                      [{"": 1}], [{"CPU": 0}], [{"CPU": 0, "GPU": 0}], "CPU", [1],
-                     [{"CPU": "lots"}], [{"CPU": 1}, {}]]),
+                     [{"CPU": "lots"}], [{"CPU": 1}, {}], [{"CPU": True}]]),
     st.lists(st.dictionaries(st.text(min_size=1, max_size=4),
                              st.floats(max_value=-1e-9), min_size=1, max_size=2),
              min_size=1, max_size=2),
@@ -353,7 +354,8 @@ BAD_PRICE = st.one_of(
     st.sampled_from([{"input": -1, "output": 1}, {"input": math.nan, "output": 1},
                      {"input": 1, "output": math.inf}, {"input": 1}, {"input": 1, "output": 1,
                                                                        "cached": 2},
-                     {"input": "free", "output": 1}, 3, "1/1"]),
+                     {"input": "free", "output": 1}, {"input": 1, "output": True}, 3,
+                     "1/1"]),
 )
 
 #: class -> (kwargs that are valid on their own, {field: strategy of invalid values})
@@ -433,6 +435,11 @@ def construct_options_model(name: str) -> Any:
 @settings(max_examples=100, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=builtin_with_one_bad(), as_child=st.booleans())
+# Found in CI: pydantic's lax mode read True as a timeout of 1 s.
+@example(case=("CustomPlacementGroup", {"bundles": [{"CPU": 1}], "ready_timeout_s": True},
+               "ready_timeout_s"), as_child=False)
+@example(case=("RateLimiter", {"requests_per_minute": True}, "requests_per_minute"),
+         as_child=True)
 def test_builtins_reject_bad_kwargs_naming_the_field(
     case: tuple[str, dict[str, Any], str], as_child: bool
 ) -> None:
@@ -533,7 +540,7 @@ TELEMETRY_BAD: dict[str, st.SearchStrategy[Any]] = {
                            "parentbased_always_off", "parentbased_traceidratio"}, False),
     "sampler_arg": st.one_of(st.floats(max_value=0, exclude_max=True),
                              st.floats(min_value=1, exclude_min=True),
-                             st.sampled_from([math.nan]), NOT_NUMBER_TEXT),
+                             st.sampled_from([math.nan, True]), NOT_NUMBER_TEXT),
     "metrics_backend": bad_choice({"auto", "ray", "prometheus", "none"}, any_case=False),
     "prometheus_port": st.one_of(bad_int(0, 65535)),
     "otlp_metrics": not_bool(),
@@ -541,7 +548,8 @@ TELEMETRY_BAD: dict[str, st.SearchStrategy[Any]] = {
     "export_timeout_s": bad_positive_float(3600),
     "schedule_delay_ms": bad_int(10, 3_600_000),
     "shutdown_timeout_s": st.one_of(st.floats(max_value=0, exclude_max=True),
-                                    st.sampled_from([math.inf, math.nan]), NOT_NUMBER_TEXT,
+                                    st.sampled_from([math.inf, math.nan, True, False]),
+                                    NOT_NUMBER_TEXT,
                                     st.floats(min_value=3600, exclude_min=True)),
     "record_exception_messages": not_bool(),
 }

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import catalog
+from .._validation import Number
 from ..base import RayServeLLMCallback
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ class Price(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: float = Field(ge=0, allow_inf_nan=False)
-    output: float = Field(ge=0, allow_inf_nan=False)
+    input: Number = Field(ge=0, allow_inf_nan=False)
+    output: Number = Field(ge=0, allow_inf_nan=False)
 
 
 class CostTrackerOptions(BaseModel):

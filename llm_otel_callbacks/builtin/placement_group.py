@@ -42,6 +42,7 @@ from ray.util.placement_group import (
 )
 
 from .. import catalog
+from .._validation import Number
 from ..base import RayServeLLMCallback
 from ._common import exiting, short_id, upper_name, watch_exit
 
@@ -56,14 +57,14 @@ class PlacementGroupOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bundles: list[dict[str, float]] | None = Field(default=None, min_length=1)
+    bundles: list[dict[str, Number]] | None = Field(default=None, min_length=1)
     """Resource dicts, e.g. ``[{"CPU": 1, "GPU": 1}, {"GPU": 1}]``."""
     strategy: Annotated[Strategy, BeforeValidator(upper_name)] = "PACK"
     """PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (any case)."""
     name: str | None = Field(default=None, min_length=1)
     """Reuse the placement group of this name (in the replica's namespace); created from
     ``bundles`` and ``strategy`` if it does not exist yet."""
-    ready_timeout_s: float = Field(default=60.0, gt=0, le=7 * 24 * 3600, allow_inf_nan=False)
+    ready_timeout_s: Number = Field(default=60.0, gt=0, le=7 * 24 * 3600, allow_inf_nan=False)
     """How long to wait for the group to be placed before failing with a diagnostic."""
 
     @field_validator("bundles")

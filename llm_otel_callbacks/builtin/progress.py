@@ -21,6 +21,7 @@ from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import catalog
+from .._validation import Count
 from ..base import RayServeLLMCallback
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class StreamingProgressOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    event_every: int = Field(default=16, ge=1)
+    event_every: Count = Field(default=16, ge=1)
     """A span event every this many chunks (and one at the end)."""
     on_progress: Any = None
     """Called with a progress dict at each event: a callable or a dotted path to one."""

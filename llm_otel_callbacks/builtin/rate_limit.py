@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .._request_hooks import RequestRejected
+from .._validation import Count
 from ..base import RayServeLLMCallback
 
 WINDOW_S = 60.0
@@ -54,14 +55,14 @@ class RateLimiterOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: int | None = Field(default=None, gt=0)
-    tokens_per_minute: int | None = Field(default=None, gt=0)
+    requests_per_minute: Count | None = Field(default=None, gt=0)
+    tokens_per_minute: Count | None = Field(default=None, gt=0)
     key: Literal["api_key", "user", "global"] = "api_key"
     """What a budget belongs to: the API key (hashed bearer token), the request's ``user``
     field, or everyone together."""
     anonymous: Literal["limit", "exempt"] = "limit"
     """Requests without that key: one shared budget (limit) or no limit (exempt)."""
-    max_keys: int = Field(default=100_000, gt=0)
+    max_keys: Count = Field(default=100_000, gt=0)
     """Budgets kept at most; the least recently used are forgotten beyond that."""
 
     @model_validator(mode="after")

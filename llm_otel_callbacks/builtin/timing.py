@@ -38,6 +38,7 @@ from opentelemetry.trace import NonRecordingSpan, Status, StatusCode
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .. import catalog
+from .._validation import Number
 from ..base import RayServeLLMCallback
 from ._common import error_text, say, short_id, this_node_id, upper_name, watch_exit
 
@@ -60,7 +61,7 @@ class TimingOptions(BaseModel):
     """Log one summary line per replica when its startup ends."""
     summary_log_level: Annotated[LogLevel, BeforeValidator(upper_name)] = "INFO"
     """Level of the summary line (any case)."""
-    warn_after_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    warn_after_s: Number | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Log the summary at WARNING when the startup took longer than this."""
 
 

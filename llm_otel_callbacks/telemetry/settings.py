@@ -9,7 +9,7 @@ from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from .._validation import CallbackConfigError, validate_kwargs
+from .._validation import CallbackConfigError, Count, Number, validate_kwargs
 
 Protocol = Literal["grpc", "http/protobuf"]
 MetricsBackend = Literal["auto", "ray", "prometheus", "none"]
@@ -43,21 +43,21 @@ class TelemetrySettings(BaseModel):
     traces_file: str | None = None
     """Embedded sink: write spans as OTLP/JSON lines to this file (no collector needed)."""
     sampler: SamplerName = "parentbased_always_on"
-    sampler_arg: float | None = Field(default=None, ge=0, le=1)
+    sampler_arg: Number | None = Field(default=None, ge=0, le=1)
     """Probability for the ``traceidratio`` samplers, in [0, 1]."""
     metrics_backend: MetricsBackend = "auto"
     """auto: Ray's metrics system inside a Ray worker, else a prometheus_client registry."""
-    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    prometheus_port: Count | None = Field(default=None, ge=0, le=65535)
     """Outside Ray: serve the prometheus_client registry on this port (0 = pick a free one)."""
     prometheus_host: str = "127.0.0.1"
     otlp_metrics: bool | None = None
     """Export metrics over OTLP too; default: when an endpoint is configured."""
     # Upper bounds: an hour. Larger values (and inf) overflow the SDK's thread waits, which
     # would fail in a background thread at run time instead of here.
-    metric_export_interval_ms: int = Field(default=10_000, ge=100, le=3_600_000)
-    export_timeout_s: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
-    schedule_delay_ms: int = Field(default=1_000, ge=10, le=3_600_000)
-    shutdown_timeout_s: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
+    metric_export_interval_ms: Count = Field(default=10_000, ge=100, le=3_600_000)
+    export_timeout_s: Number = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    schedule_delay_ms: Count = Field(default=1_000, ge=10, le=3_600_000)
+    shutdown_timeout_s: Number = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
     reuse_installed_provider: bool = True
     """Use a tracer/meter provider somebody already installed (Ray Serve, vLLM, the user)."""
     install_global_provider: bool = False
