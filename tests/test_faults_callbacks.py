@@ -112,6 +112,21 @@ def _fresh_telemetry() -> Iterator[None]:
     reset_telemetry()
 
 
+@pytest.fixture(autouse=True)
+def _locks_unpicklable_as_in_a_replica() -> Iterator[None]:
+    """Ray Serve's ``serve.ingress`` (ray/serve/_private/utils.py) registers process-wide
+    cloudpickle reducers that turn a lock into a fresh one. An LLMServer replica never
+    applies it, so there a lock on a callback fails Ray's pickle; but this pytest process
+    may have (an earlier test deployed an app from here). Take them out for these tests."""
+    from ray import cloudpickle
+
+    dispatch = cloudpickle.CloudPickler.dispatch
+    lock_types = (type(threading.Lock()), type(threading.RLock()))
+    saved = {t: dispatch.pop(t) for t in lock_types if t in dispatch}
+    yield
+    dispatch.update(saved)
+
+
 def _kwargs(rx: OtlpHttpReceiver, *children: dict[str, Any]) -> dict[str, Any]:
     return {
         "callbacks": [*children, {"callback_class": M + "AfterMarker", "name": "after"}],
