@@ -1,8 +1,13 @@
 """Load and memory: 100,000 hook calls through a Composite of five children (20,000
-dispatches of ``on_before_node_init``, each calling all five), in one process, on the real
-telemetry path: an SDK TracerProvider with its BatchSpanProcessor (the exporter drops the
-batches: serializing 120,000 spans would measure the exporter, not us) and the
-prometheus_client metrics backend.
+dispatches of ``on_before_node_init``, each calling all five), in one process, on the two
+real telemetry paths, each with the prometheus_client metrics backend:
+
+* ``installed_provider``: an SDK TracerProvider the application installed, with the SDK's
+  BatchSpanProcessor (its exporter counts and drops the batches: serializing 120,000 spans
+  would measure the exporter, not us); ours reuses it.
+* ``own_provider_collector_down``: the provider this package builds (its own span queue and
+  OTLP/HTTP exporter) pointed at a port nobody listens on: every span is dropped and counted,
+  and nothing may pile up.
 
 After a warm-up (every span, metric series and memo exists once), resident memory must
 stay flat and the number of threads must not grow, although one child has a timeout (so
@@ -16,7 +21,8 @@ import asyncio
 import gc
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -26,7 +32,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from llm_otel_callbacks import Composite, RayServeLLMCallback
+from llm_otel_callbacks._ports import free_port
 from llm_otel_callbacks.telemetry import get_telemetry, reset_telemetry
+from tests._support.fault_collector import FaultCollector, dropped_spans
 
 CHILD_CALLS = 100_000
 CHILDREN = 5
@@ -74,39 +82,56 @@ class _Drop(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-@pytest.fixture
-def sdk_exporter() -> Iterator[_Drop]:
-    """An SDK provider installed as if by the application; ours reuses it (as in a replica
-    where Ray Serve or vLLM installed one). Put back afterwards."""
-    exporter = _Drop()
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=1 << 14))
-    previous = trace._TRACER_PROVIDER
-    trace._TRACER_PROVIDER = provider
-    try:
-        yield exporter
-    finally:
-        trace._TRACER_PROVIDER = previous
-        provider.shutdown()
+@dataclass
+class Setup:
+    path: str
+    composite: Composite
+    spans_delivered: Callable[[], int]  # spans that reached the exporter
+    spans_dropped: Callable[[], float]  # spans counted as dropped (our metric)
 
 
-@pytest.fixture
-def composite(sdk_exporter: _Drop) -> Iterator[Composite]:
+def _children() -> list[dict[str, Any]]:
+    return [
+        {"callback_class": "llm_otel_callbacks.testing.NoopCallback", "name": "noop"},
+        {"callback_class": M + "AsyncChild", "name": "async"},
+        {"callback_class": M + "CountingChild", "name": "counting", "timeout_s": 30},
+        {"callback_class": M + "SeedChild", "name": "seed"},
+        {"callback_class": M + "phase_fn", "name": "phase"},
+    ]
+
+
+@pytest.fixture(params=["installed_provider", "own_provider_collector_down"])
+def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
     reset_telemetry()
-    cb = Composite(
-        llm_config=None,
-        ctx_kwargs={},
-        callbacks=[
-            {"callback_class": "llm_otel_callbacks.testing.NoopCallback", "name": "noop"},
-            {"callback_class": M + "AsyncChild", "name": "async"},
-            {"callback_class": M + "CountingChild", "name": "counting", "timeout_s": 30},
-            {"callback_class": M + "SeedChild", "name": "seed"},
-            {"callback_class": M + "phase_fn", "name": "phase"},
-        ],
-        telemetry={"metrics_backend": "prometheus"},
-    )
-    yield cb
-    reset_telemetry()
+    if request.param == "installed_provider":
+        # As in a replica where Ray Serve or vLLM installed one. Put back afterwards.
+        exporter = _Drop()
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=1 << 14))
+        previous = trace._TRACER_PROVIDER
+        trace._TRACER_PROVIDER = provider
+        try:
+            cb = Composite(llm_config=None, ctx_kwargs={}, callbacks=_children(),
+                           telemetry={"metrics_backend": "prometheus"})
+            yield Setup(request.param, cb, lambda: exporter.spans, lambda: 0.0)
+        finally:
+            trace._TRACER_PROVIDER = previous
+            provider.shutdown()
+            reset_telemetry()
+        return
+    with FaultCollector("closed") as collector:
+        port = free_port()
+        cb = Composite(
+            llm_config=None, ctx_kwargs={}, callbacks=_children(),
+            telemetry={"endpoint": collector.endpoint, "otlp_metrics": False,
+                       "metrics_backend": "prometheus", "prometheus_port": port,
+                       "schedule_delay_ms": 100, "shutdown_timeout_s": 1},
+        )
+        try:
+            yield Setup(request.param, cb, lambda: 0,
+                        lambda: sum(dropped_spans(port).values()))
+        finally:
+            reset_telemetry()
 
 
 def _rss_mib(proc: psutil.Process) -> float:
@@ -123,11 +148,16 @@ def _dispatch(cb: Composite, calls: int) -> None:
 
 
 def test_hundred_thousand_hook_calls_keep_memory_and_threads_flat(
-    composite: Composite, sdk_exporter: _Drop, record_property: Any
+    setup: Setup, record_property: Any
 ) -> None:
     proc = psutil.Process()
+    composite = setup.composite
     tel = get_telemetry(composite.telemetry_settings)
-    assert tel.tracer_provider is trace._TRACER_PROVIDER, "the SDK provider, not a no-op"
+    assert isinstance(tel.tracer_provider, TracerProvider), "the SDK provider, not a no-op"
+    if setup.path == "installed_provider":
+        assert tel.tracer_provider is trace._TRACER_PROVIDER
+    else:
+        assert tel.tracer_provider is not trace._TRACER_PROVIDER  # ours, not installed
     assert [b.__class__.__name__ for b in tel.backends] == ["PrometheusBackend"]
 
     _dispatch(composite, WARMUP)
@@ -146,8 +176,9 @@ def test_hundred_thousand_hook_calls_keep_memory_and_threads_flat(
         time.sleep(0.05)
     threads_after = threading.active_count()
 
-    exported = sdk_exporter.spans
+    delivered, dropped = setup.spans_delivered(), setup.spans_dropped()
     figures = {
+        "path": setup.path,
         "child_hook_calls": CALLS * len(composite.children), "dispatches": CALLS,
         "rss_before_mib": round(rss_before, 1), "rss_after_mib": round(rss_after, 1),
         "rss_growth_mib": round(rss_after - rss_before, 2),
@@ -157,16 +188,22 @@ def test_hundred_thousand_hook_calls_keep_memory_and_threads_flat(
         # CPU seconds of this process (all its threads): what the run costs whatever else
         # the machine is doing; wall seconds depend on that.
         "seconds": round(elapsed, 1), "cpu_seconds": round(cpu, 1),
-        "spans_exported": exported,
+        "spans_delivered": delivered, "spans_dropped": dropped,
     }
     for key, value in figures.items():
         record_property(key, value)
     print("load:", figures)
 
-    # Every call really went through every child, and the spans reached the exporter
-    # (the batch queue may drop some under load; most must arrive).
+    # Every call really went through every child.
     assert len(composite.children) == CHILDREN
     assert composite.ctx.custom_data["counter"]["n"] == WARMUP + CALLS
-    assert exported > (WARMUP + CALLS) * (CHILDREN + 1) // 2, figures
+    spans = (WARMUP + CALLS) * (CHILDREN + 1)
+    if setup.path == "installed_provider":
+        # The batch queue may drop some under load; most must arrive.
+        assert delivered > spans // 2, figures
+    else:
+        # Nobody listens: (nearly) every span is dropped and counted, none kept. The last
+        # batch may still be in the queue or in the one export attempt under way.
+        assert spans - 2 * 2048 <= dropped <= spans + 2, figures
     assert threads_after <= threads_before, figures
     assert rss_after - rss_before < MAX_GROWTH_MIB, figures
