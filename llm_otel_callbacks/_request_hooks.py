@@ -33,17 +33,14 @@ from opentelemetry.trace import Span
 from . import catalog
 from ._callers import call_async
 from ._observe import outcome_of
+from .adapters import REQUEST_HOOKS as REQUEST_HOOKS
 from .base import HookTarget
 from .composite import ChildHookError
 from .telemetry.metrics import Recorder
 
 logger = logging.getLogger(__name__)
 
-ON_START = "on_llm_start"
-ON_END = "on_llm_end"
-ON_ERROR = "on_llm_error"
-ON_CHUNK = "on_llm_stream_chunk"
-REQUEST_HOOKS: tuple[str, ...] = (ON_START, ON_END, ON_ERROR, ON_CHUNK)
+ON_START, ON_END, ON_ERROR, ON_CHUNK = REQUEST_HOOKS
 
 
 class RequestRejected(Exception):

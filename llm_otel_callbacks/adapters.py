@@ -57,8 +57,18 @@ _SEED_ONLY_FIELDS = ("local_node_download_model", "extra_init_kwargs")
 Hook = Callable[[], Any]
 
 
+#: The request hooks (called by ``serve.ObservedLLMServer``, see ``_request_hooks``).
+REQUEST_HOOKS: tuple[str, ...] = (
+    "on_llm_start", "on_llm_end", "on_llm_error", "on_llm_stream_chunk",
+)
+
+
 def is_seed_protocol(obj: Any) -> bool:
-    return inspect.isclass(obj) and any(hasattr(obj, m) for m in SEED_METHODS.values())
+    """A plain class with startup hooks of the seed protocol or request hooks, or both (a
+    class with only request hooks is a seed-protocol child whose startup hooks are no-ops)."""
+    return inspect.isclass(obj) and any(
+        hasattr(obj, m) for m in (*SEED_METHODS.values(), *REQUEST_HOOKS)
+    )
 
 
 def coerce_ctx_value(field: str, value: Any) -> Any:

@@ -117,7 +117,8 @@ class Composite(RayServeLLMCallback):
                 raise CallbackConfigError(
                     f"field 'callback_class': {target.__qualname__} is neither a subclass of "
                     "Ray's CallbackBase nor a seed-protocol class (on_before_init / "
-                    "on_before_download / on_after_init)"
+                    "on_before_download / on_after_init, or request hooks on_llm_start / "
+                    "on_llm_end / on_llm_error / on_llm_stream_chunk)"
                 )
             fn = functools.partial(target, **kwargs) if kwargs else target
             _check_phase_signature(target, kwargs)

@@ -319,6 +319,46 @@ def test_non_streaming_end_kwargs_match_usage(tel: Telemetry, models: Any):
     assert end[2]["time_to_first_token_ms"] is None and end[2]["stream"] is False
 
 
+class SeedRequestOnly:
+    """The seed request-callback API: a plain class, request hooks only, no startup hooks."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[int | None, int | None]] = []
+        self.chunks = 0
+
+    async def on_llm_end(self, response: Any, **kw: Any) -> None:
+        self.ended.append((kw["prompt_tokens"], kw["completion_tokens"]))
+
+    def on_llm_stream_chunk(self, chunk: Any, **kw: Any) -> None:
+        self.chunks += 1
+
+
+def test_plain_class_with_only_request_hooks_is_a_child(tel: Telemetry, models: Any):
+    observer = make_observer(tel, [child(SeedRequestOnly, "seed_req"), child(NoRequestHooks)],
+                             models)
+    assert [b.name for b in observer.hooks.end] == ["seed_req"]
+    seed = instance(observer, "seed_req")
+    out = run(collect(observer.observe("chat", Engine(tokens=3).chat,
+                                       chat_request(models, stream=True), None)))
+    assert out[-1] == "data: [DONE]\n\n"
+    assert seed.ended == [(PROMPT_TOKENS, 3)]
+    assert seed.chunks == 4  # the role chunk and three tokens
+    # Its startup hooks are no-ops: a startup dispatch through the composite is fine.
+    composite = Composite(callbacks=[child(SeedRequestOnly, "seed_req")])
+    run(composite.run_callback("on_before_node_init"))
+
+
+def test_a_plain_class_with_no_hook_at_all_is_refused_naming_the_field():
+    class NoHooks:
+        pass
+
+    with pytest.raises(CallbackConfigError) as info:
+        Composite(callbacks=[child(NoHooks, "empty")])
+    assert "callbacks[0] (empty)" in str(info.value)
+    assert "field 'callback_class'" in str(info.value)
+    assert "on_llm_start" in str(info.value)
+
+
 # --- policies ---------------------------------------------------------------------------------
 
 
