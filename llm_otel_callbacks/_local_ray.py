@@ -175,11 +175,49 @@ def start_local_ray(
             _system_config=dict(system_config or {}),
             runtime_env=dict(runtime_env or {}),
         )
+        seed_llm_registries()
         run.node_id = ray.get_runtime_context().get_node_id()
     except BaseException:
         run.shutdown()
         raise
     return run
+
+
+def seed_llm_registries() -> None:
+    """Write this process's Ray LLM component registrations into the connected cluster.
+
+    Ray 2.60's LLM registries (``ray/llm/_internal/serve/utils/registry.py``) live in the
+    cluster's KV store: a process registers the built-in KV-connector backends when it imports
+    Ray's ``LLMConfig`` and flushes them once, at its first ``ray.init``. A process that starts
+    a second cluster (tests, a demo after a test) has nothing left to flush, so the new
+    cluster's store is empty, and two fresh workers that import ``LLMConfig`` at once (the
+    per-node download tasks) race: check, check, put, put, and the second raises "already
+    registered", failing Ray's ``initialize_node``. Seeding the store first removes the race.
+    Uses Ray private names; does nothing if they move.
+    """
+    try:
+        from ray import cloudpickle
+        from ray.experimental.internal_kv import (
+            _internal_kv_exists,
+            _internal_kv_initialized,
+            _internal_kv_put,
+        )
+        from ray.llm._internal.serve.engines.vllm.kv_transfer import factory  # noqa: F401
+        from ray.llm._internal.serve.utils import registry
+    except Exception:
+        return
+    if not _internal_kv_initialized():  # type: ignore[no-untyped-call]
+        return
+    for reg in list(getattr(registry, "_registries", {}).values()):
+        for name, loader in list(getattr(reg, "_loader_cache", {}).items()):
+            try:
+                key = registry._make_key(reg.category, name)
+                if not _internal_kv_exists(key):
+                    _internal_kv_put(
+                        key, cloudpickle.dumps(loader), overwrite=False  # type: ignore[no-untyped-call]
+                    )
+            except Exception as exc:  # never fail a start over this
+                logging.getLogger(__name__).debug("registry %s not seeded: %s", name, exc)
 
 
 def _remove_path(path: Path) -> None:

@@ -316,3 +316,25 @@ def test_two_nodes_and_strict_spread(ray_two_nodes: LocalCluster) -> None:
     for node in ray_two_nodes.nodes:
         hits = wait_for_metric(node.metrics_url, "ray_selfcheck_node_hits_total", timeout=30)
         assert sum(v for _, v in hits) == 1.0
+
+
+def test_every_new_cluster_gets_the_llm_registrations(tmp_path: Path) -> None:
+    """Ray LLM's registries flush once per process; a second cluster started from the same
+    process must still have them in its KV store, or concurrent download tasks race at import
+    ("kv_connector_backend 'NixlConnector' is already registered", seen in CI)."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_exists
+    from ray.llm._internal.serve.engines.vllm.kv_transfer.factory import BUILTIN_BACKENDS
+    from ray.llm._internal.serve.utils.registry import _make_key
+
+    from tests._support.ray_env import start_local_ray
+
+    keys = [_make_key("kv_connector_backend", name) for name in BUILTIN_BACKENDS]
+    for attempt in range(2):
+        run = start_local_ray(tmp_path / f"ray{attempt}", num_cpus=1)
+        try:
+            missing = [k for k in keys if not _internal_kv_exists(k)]
+            assert not missing, (attempt, missing)
+        finally:
+            run.shutdown()
+        assert not ray.is_initialized()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from llm_otel_callbacks._local_ray import seed_llm_registries
 from llm_otel_callbacks._ports import free_port, free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -305,6 +306,7 @@ def start_local_ray(
             runtime_env=run.runtime_env,
             **init_kwargs,
         )
+        seed_llm_registries()
         run.address = str(ctx.address_info["gcs_address"])  # type: ignore[attr-defined]
         run.node_id = ray.get_runtime_context().get_node_id()
         run.metrics_port = port
@@ -367,6 +369,7 @@ def start_cluster(
         cluster.wait_for_nodes(timeout=timeout)
         # Cluster.connect() cannot pass a runtime_env, so connect ourselves.
         ray.init(address=cluster.address, runtime_env=run.runtime_env)
+        seed_llm_registries()
         cluster.connected = True
         run.nodes = [
             NodeInfo(node_id=n.node_id, metrics_port=int(n.metrics_export_port)) for n in added
