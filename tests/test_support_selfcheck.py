@@ -328,7 +328,9 @@ def test_every_new_cluster_gets_the_llm_registrations(tmp_path: Path) -> None:
     from ray.llm._internal.serve.utils.registry import _make_key
 
     from tests._support.ray_env import start_local_ray
+    from tests.conftest import _ensure_ray_down
 
+    _ensure_ray_down()  # this module's Ray fixtures may still hold one
     keys = [_make_key("kv_connector_backend", name) for name in BUILTIN_BACKENDS]
     for attempt in range(2):
         run = start_local_ray(tmp_path / f"ray{attempt}", num_cpus=1)
