@@ -113,33 +113,18 @@ def main() -> None:
     args = parser.parse_args()
 
     import psutil
-    from ray import serve
-
-    from llm_otel_callbacks._ports import free_port
-    from tests._support.ray_env import start_local_ray
-    from tests._support.tiny_model import make_tiny_model
 
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     receiver = ro._Receiver()
     try:
-        with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
-            model_dir = make_tiny_model(Path(tmp) / "model")
-            run = start_local_ray(Path(tmp) / "ray", num_cpus=4, env=env)
-            try:
-                port = free_port()
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
-                root = f"http://127.0.0.1:{port}"
-                ro._deploy(model_dir, receiver.endpoint, env)
-                ro._wait_ready(root)
-                pid = next(p.pid for p in psutil.process_iter(["cmdline"])
-                           if " ".join(p.info["cmdline"] or []).startswith(REPLICA))
-                folded = args.out or Path(tmp)
-                folded.mkdir(parents=True, exist_ok=True)
-                results = asyncio.run(_load(root + "/v1/chat/completions", pid, args.seconds,
-                                            args.rounds, args.rate, folded))
-            finally:
-                serve.shutdown()
-                run.shutdown()
+        with tempfile.TemporaryDirectory(prefix="profile-") as tmp, \
+                ro.same_engine_app(Path(tmp), receiver.endpoint, env) as (root, _ready_s):
+            pid = next(p.pid for p in psutil.process_iter(["cmdline"])
+                       if " ".join(p.info["cmdline"] or []).startswith(REPLICA))
+            folded = args.out or Path(tmp)
+            folded.mkdir(parents=True, exist_ok=True)
+            results = asyncio.run(_load(root + "/v1/chat/completions", pid, args.seconds,
+                                        args.rounds, args.rate, folded))
     finally:
         receiver.stop()
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -45,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -522,6 +523,33 @@ def _wait_ready(base: str, timeout: float = 900) -> None:
     raise TimeoutError(f"{base} not ready")
 
 
+@contextlib.contextmanager
+def same_engine_app(
+    folder: Path, endpoint: str, env: dict[str, str]
+) -> Iterator[tuple[str, float]]:
+    """A local Ray with Serve on 127.0.0.1 and the same-engine app deployed and answering;
+    yields (base URL, seconds from deploy to ready). Everything is torn down on exit."""
+    from ray import serve
+
+    from llm_otel_callbacks._ports import free_port
+    from tests._support.ray_env import start_local_ray
+    from tests._support.tiny_model import make_tiny_model
+
+    model_dir = make_tiny_model(folder / "model")
+    run = start_local_ray(folder / "ray", num_cpus=4, env=env)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        root = f"http://127.0.0.1:{port}"
+        started = time.perf_counter()
+        _deploy(model_dir, endpoint, env)
+        _wait_ready(root)
+        yield root, time.perf_counter() - started
+    finally:
+        serve.shutdown()
+        run.shutdown()
+
+
 def _token_totals() -> dict[str, Any]:
     """TokenCounter's totals in the replica, through a deployment handle."""
     from ray import serve
@@ -539,12 +567,6 @@ def serve_bench(concurrency: int, seconds: float, cycles: int, warmup: int,
                 engine_env: dict[str, str] | None = None) -> dict[str, Any]:
     """One replica, one engine, three request paths (see same_engine_server.py), loaded over
     HTTP (Serve proxy, Ray's OpenAI ingress, the replica) in interleaved blocks."""
-    from ray import serve
-
-    from llm_otel_callbacks._ports import free_port
-    from tests._support.ray_env import start_local_ray
-    from tests._support.tiny_model import make_tiny_model
-
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     if engine_threads:
         env["OMP_NUM_THREADS"] = str(engine_threads)
@@ -559,32 +581,21 @@ def serve_bench(concurrency: int, seconds: float, cycles: int, warmup: int,
     }
     receiver = _Receiver()
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-            model_dir = make_tiny_model(Path(tmp) / "model")
-            run = start_local_ray(Path(tmp) / "ray", num_cpus=4, env=env)
-            try:
-                port = free_port()
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
-                root = f"http://127.0.0.1:{port}"
-                started = time.perf_counter()
-                _deploy(model_dir, receiver.endpoint, env)
-                _wait_ready(root)
-                result["ready_s"] = time.perf_counter() - started
-                print(f"ready after {result['ready_s']:.0f} s", flush=True)
-                measured = time.perf_counter()
-                meter = CpuMeter(exclude=[receiver.pid])
-                blocks, warm = asyncio.run(_measure(root + "/v1/chat/completions", paths,
-                                              concurrency, seconds, cycles, warmup,
-                                              max_tokens, meter))
-                result["measure_s"] = time.perf_counter() - measured
-                if checkpoint is not None:  # the blocks survive a failing shutdown
-                    checkpoint.write_text(json.dumps({"serve": {**result, "blocks": blocks,
-                                                                "warmup_blocks": warm}}))
-                result["token_totals"] = _token_totals()
-                time.sleep(3)  # the batch span processor exports every second
-            finally:
-                serve.shutdown()
-                run.shutdown()
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp, \
+                same_engine_app(Path(tmp), receiver.endpoint, env) as (root, ready_s):
+            result["ready_s"] = ready_s
+            print(f"ready after {ready_s:.0f} s", flush=True)
+            measured = time.perf_counter()
+            meter = CpuMeter(exclude=[receiver.pid])
+            blocks, warm = asyncio.run(_measure(root + "/v1/chat/completions", paths,
+                                          concurrency, seconds, cycles, warmup,
+                                          max_tokens, meter))
+            result["measure_s"] = time.perf_counter() - measured
+            if checkpoint is not None:  # the blocks survive a failing shutdown
+                checkpoint.write_text(json.dumps({"serve": {**result, "blocks": blocks,
+                                                            "warmup_blocks": warm}}))
+            result["token_totals"] = _token_totals()
+            time.sleep(3)  # the batch span processor exports every second
     finally:
         result["spans_received"] = receiver.stop()
     result["blocks"] = blocks

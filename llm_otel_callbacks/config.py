@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ._validation import CallbackConfigError, clip, describe
+from ._validation import CallbackConfigError, Number, clip, describe
 
 #: Longest timeout a child may set: a week. Larger values (and inf) overflow the thread
 #: join and event-loop timers the dispatch uses, which would fail at hook time, not here.
@@ -44,17 +44,9 @@ class ChildSpec(BaseModel):
     callback_kwargs: dict[str, Any] = Field(default_factory=dict)
     raise_error_on_callback: bool | None = None
     """Default: the composite's own ``raise_error_on_callback``."""
-    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    timeout_s: Number | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_LENGTH)
     """Default: the class (or function) name. Must be unique in the composite."""
-
-    @field_validator("timeout_s", mode="before")
-    @classmethod
-    def _no_bool(cls, value: Any) -> Any:
-        # pydantic reads True as 1.0: a timeout of "true" is a mistake, not one second.
-        if isinstance(value, bool):
-            raise ValueError("must be a number of seconds, not a boolean")
-        return value
 
     @field_validator("name")
     @classmethod
