@@ -597,7 +597,7 @@ callback_config:
 
 
 def test_chunks_in_another_key_order_take_the_careful_path(tel: Telemetry, models: Any):
-    from llm_otel_callbacks.serve._requests import _CONTENT, _DONE, _ERROR, _USAGE, _kind_of
+    from llm_otel_callbacks.serve._sse import CONTENT, DONE, ERROR, USAGE, kind_of
 
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     items = [
@@ -606,8 +606,8 @@ def test_chunks_in_another_key_order_take_the_careful_path(tel: Telemetry, model
         "data: " + json.dumps({"model": "m", "choices": [], "usage": usage}) + "\n\n",
         "data: [DONE]\n\n",
     ]
-    assert [_kind_of(i) for i in items] == [_CONTENT, _CONTENT, _USAGE, _DONE]
-    assert _kind_of('data: {"error": {"message": "x", "code": 400}}\n\n') == _ERROR
+    assert [kind_of(i) for i in items] == [CONTENT, CONTENT, USAGE, DONE]
+    assert kind_of('data: {"error": {"message": "x", "code": 400}}\n\n') == ERROR
 
     async def engine(request: Any, raw: Any = None) -> AsyncIterator[str]:
         for item in items:

@@ -13,31 +13,21 @@ when some target implements ``on_llm_stream_chunk``; then the engine is also ask
 usage on each chunk (token progress), which is likewise removed when the client did not ask.
 
 Nothing here imports Ray or vLLM (the engine module hands in the few vLLM types needed), so the
-hot path can be measured and tested alone.
+hot path can be measured and tested alone. The stream format is read in :mod:`._sse`; the
+per-request record and the metrics and span endings it produces are in :mod:`._request_record`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
-import typing
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry.context import Context
-from opentelemetry.trace import (
-    INVALID_SPAN,
-    Span,
-    SpanKind,
-    Status,
-    StatusCode,
-    get_current_span,
-    set_span_in_context,
-)
+from opentelemetry.trace import SpanKind, get_current_span, set_span_in_context
 
 from .. import catalog
 from .._request_hooks import (
@@ -54,13 +44,11 @@ from .._request_hooks import (
 )
 from ..composite import ChildHookError
 from ..telemetry.providers import Telemetry
+from . import _sse
+from ._request_record import Labels, Record, RequestTelemetry, sampling_attributes
+from ._sse import CONTENT, DONE, DONE_ITEM, ERROR, USAGE, kind_of, sse_error
 
 logger = logging.getLogger(__name__)
-
-_ERROR_PREFIX = 'data: {"error"'
-_USAGE_ONLY = '"choices":[]'  # the final usage chunk has no choices
-_PREFIX_LEN = len("data: ")
-_CONTENT, _USAGE, _ERROR, _DONE, _OTHER = range(5)
 
 #: Extra field of an ErrorResponse's ``error`` holding the exact body for the client (read by
 #: ObservedOpenAiIngress; Ray's own ingress uses only message, type and code).
@@ -74,56 +62,6 @@ _OPERATIONS = {
     "completions": catalog.OPERATION_TEXT_COMPLETION,
     "embeddings": catalog.OPERATION_EMBEDDINGS,
 }
-
-
-class _Record:
-    """One request. Slots: the stream loop touches these on every chunk."""
-
-    __slots__ = (
-        "chunk_calls", "chunk_tokens", "chunks", "completion_tokens", "ctx", "done", "error",
-        "first", "kwargs", "labels", "last", "op", "prompt_tokens", "span", "stream", "t0",
-        "text", "tokens_end", "trace_id",
-    )
-
-    def __init__(self, op: str, labels: _Labels, stream: bool) -> None:
-        self.t0 = time.perf_counter()
-        self.op = op
-        self.labels = labels
-        self.stream = stream
-        self.span: Span = INVALID_SPAN
-        self.ctx: Context | None = None
-        self.trace_id: str | None = None
-        self.kwargs: dict[str, Any] | None = None
-        self.chunks = 0
-        self.chunk_calls: list[int] | None = None
-        self.chunk_tokens: int | None = None
-        self.first: float | None = None
-        self.tokens_end: float | None = None
-        self.last: str | None = None
-        self.done = False
-        self.error: BaseException | None = None
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.text: list[str] | None = None
-
-
-class _Labels:
-    """Metric label tuples of one operation, built once."""
-
-    __slots__ = ("base", "errors", "input", "ok", "output")
-
-    def __init__(self, op: str, provider: str, model: str) -> None:
-        self.base = (op, provider, model)
-        self.ok = (*self.base, "")
-        self.input = (*self.base, catalog.TOKEN_TYPE_INPUT)
-        self.output = (*self.base, catalog.TOKEN_TYPE_OUTPUT)
-        self.errors: dict[str, tuple[str, ...]] = {}
-
-    def error(self, error_type: str) -> tuple[str, ...]:
-        labels = self.errors.get(error_type)
-        if labels is None:
-            labels = self.errors[error_type] = (*self.base, error_type)
-        return labels
 
 
 class RequestObserver:
@@ -147,15 +85,12 @@ class RequestObserver:
         self._error_response = error_response
         self._error_types = error_types
         self._record_message = record_exception_messages
-        self._duration = tel.recorder(catalog.GENAI_REQUEST_DURATION)
-        self._ttft = tel.recorder(catalog.GENAI_TIME_TO_FIRST_TOKEN)
-        self._tpot = tel.recorder(catalog.GENAI_TIME_PER_OUTPUT_TOKEN)
-        self._tokens = tel.recorder(catalog.GENAI_TOKEN_USAGE)
+        self._telemetry = RequestTelemetry(tel, record_exception_messages)
         self._rejected = tel.recorder(catalog.REQUESTS_REJECTED)
-        self._labels = {op: _Labels(name, provider, model) for op, name in _OPERATIONS.items()}
+        self._labels = {op: Labels(name, provider, model) for op, name in _OPERATIONS.items()}
         self._span_names = {op: f"{name} {model}" for op, name in _OPERATIONS.items()}
         self._background: set[asyncio.Task[Any]] = set()
-        self._stream_options_cls: dict[type, Any] = {}
+        self._usage_options = _sse.UsageOptions()
 
     # --- entry --------------------------------------------------------------------------------
 
@@ -172,8 +107,8 @@ class RequestObserver:
             return self._observe_stream(rec, method, request, raw)
         return self._observe_once(rec, method, request, raw)
 
-    def _begin(self, op: str, request: Any, raw: Any) -> _Record:
-        rec = _Record(op, self._labels[op], bool(getattr(request, "stream", False)))
+    def _begin(self, op: str, request: Any, raw: Any) -> Record:
+        rec = Record(op, self._labels[op], bool(getattr(request, "stream", False)))
         request_id = getattr(request, "request_id", None)
         attrs: dict[str, Any] = {
             catalog.A_GENAI_OPERATION: rec.labels.base[0],
@@ -183,7 +118,7 @@ class RequestObserver:
         }
         if request_id:
             attrs[catalog.A_REQUEST_ID] = str(request_id)
-        _sampling_attributes(request, attrs)
+        sampling_attributes(request, attrs)
         parent = otel_context.get_current()  # Serve's request span, when Serve traces
         span = self._tracer.start_span(
             self._span_names[op], context=parent, kind=SpanKind.SERVER, attributes=attrs
@@ -213,7 +148,7 @@ class RequestObserver:
     # --- hooks --------------------------------------------------------------------------------
 
     async def _hooks(
-        self, rec: _Record, hook: str, bound: tuple[BoundHook, ...], arg: Any,
+        self, rec: Record, hook: str, bound: tuple[BoundHook, ...], arg: Any,
         kwargs: dict[str, Any], ok_counts: list[int] | None = None,
     ) -> None:
         token = otel_context.attach(rec.ctx or otel_context.get_current())  # span is current
@@ -222,7 +157,7 @@ class RequestObserver:
         finally:
             otel_context.detach(token)
 
-    async def _start(self, rec: _Record, request: Any) -> Any:
+    async def _start(self, rec: Record, request: Any) -> Any:
         """Run ``on_llm_start``; returns an error response to send instead, or None."""
         assert rec.kwargs is not None
         try:
@@ -247,7 +182,7 @@ class RequestObserver:
                           "code": 500}}
         return self._error_response(500, message, "InternalServerError", {RESPONSE_FIELD: body})
 
-    async def _reject(self, rec: _Record, rejection: RequestRejected) -> Any:
+    async def _reject(self, rec: Record, rejection: RequestRejected) -> Any:
         by = rejection.rejected_by or ""
         try:
             self._rejected.add((self.model, by, rejection.reason))
@@ -269,7 +204,7 @@ class RequestObserver:
     # --- non-streamed responses ------------------------------------------------------------
 
     async def _observe_once(
-        self, rec: _Record, method: Callable[..., AsyncIterator[Any]], request: Any, raw: Any
+        self, rec: Record, method: Callable[..., AsyncIterator[Any]], request: Any, raw: Any
     ) -> AsyncGenerator[Any, None]:
         if self.hooks.start:
             refusal = await self._start(rec, request)
@@ -298,7 +233,7 @@ class RequestObserver:
             await self._fail(rec, ResponseError("empty response", status_code=500,
                                                 error_type="EmptyResponse"), "EmptyResponse")
 
-    async def _end_once(self, rec: _Record, response: Any) -> Any:
+    async def _end_once(self, rec: Record, response: Any) -> Any:
         usage = getattr(response, "usage", None)
         rec.prompt_tokens = getattr(usage, "prompt_tokens", None)
         completion = getattr(usage, "completion_tokens", None)
@@ -307,7 +242,7 @@ class RequestObserver:
             str(c.finish_reason) for c in (getattr(response, "choices", None) or [])
             if getattr(c, "finish_reason", None) is not None
         ]
-        self._response_attributes(
+        self._telemetry.response_attributes(
             rec, getattr(response, "id", None), getattr(response, "model", None), finish
         )
         if self.hooks.end:
@@ -316,13 +251,13 @@ class RequestObserver:
             except ChildHookError as exc:
                 await self._fail(rec, exc, "hook_error")
                 return self._hook_failure(exc)
-        self._succeeded(rec)
+        self._telemetry.succeeded(rec)
         return None
 
     # --- streamed responses --------------------------------------------------------------------
 
     async def _observe_stream(
-        self, rec: _Record, method: Callable[..., AsyncIterator[Any]], request: Any, raw: Any
+        self, rec: Record, method: Callable[..., AsyncIterator[Any]], request: Any, raw: Any
     ) -> AsyncGenerator[Any, None]:
         hooks = self.hooks
         if hooks.start:
@@ -331,7 +266,7 @@ class RequestObserver:
                 yield refusal
                 return
         chunk_hooks = bool(hooks.chunk)
-        drop_usage, strip_usage = self._ask_for_usage(request, continuous=chunk_hooks)
+        drop_usage, strip_usage = self._usage_options.ask(request, continuous=chunk_hooks)
         if chunk_hooks:
             rec.text = []
         gen = method(request, raw)
@@ -349,22 +284,24 @@ class RequestObserver:
                 # The usual chunk: vLLM writes "id" first and "choices" last. Anything else
                 # (the usage chunk, an error, [DONE], another layout) takes the careful path.
                 if item[8:9] == "i" and item[-4] == "]":
-                    kind = _CONTENT
+                    kind = CONTENT
                 else:
-                    kind = _kind_of(item)
-                    if kind == _USAGE:
+                    kind = kind_of(item)
+                    if kind == USAGE:
                         rec.tokens_end = time.perf_counter()
-                        _read_usage(rec, item)
+                        usage = _sse.read_usage(item)
+                        if usage is not None:
+                            rec.prompt_tokens, rec.completion_tokens = usage
                         if drop_usage:
                             continue
-                    elif kind == _ERROR:
-                        rec.error = _stream_error(item)
-                    elif kind == _DONE and not rec.done:
+                    elif kind == ERROR:
+                        rec.error = _sse.stream_error(item)
+                    elif kind == DONE and not rec.done:
                         rec.chunks, rec.last = n, last
                         failure = await self._end_stream(rec)
                         if failure is not None:
                             yield failure
-                if kind == _CONTENT:
+                if kind == CONTENT:
                     if first is None:
                         first = rec.first = time.perf_counter()
                     n += 1
@@ -380,8 +317,8 @@ class RequestObserver:
         except ChildHookError as exc:  # a stream-chunk hook with the raise policy
             rec.chunks, rec.last = n, last
             await self._fail(rec, exc, "hook_error")
-            yield _sse_error(500, str(exc), "InternalServerError")
-            yield "data: [DONE]\n\n"
+            yield sse_error(500, str(exc), "InternalServerError")
+            yield DONE_ITEM
         except Exception as exc:
             rec.chunks, rec.last = n, last
             await self._fail(rec, exc, type(exc).__name__)
@@ -392,58 +329,11 @@ class RequestObserver:
             rec.chunks, rec.last = n, last
             await self._end_stream(rec)
 
-    def _ask_for_usage(self, request: Any, continuous: bool) -> tuple[bool, bool]:
-        """Make the engine report usage; returns (drop the usage chunk, strip chunk usage)."""
-        options = getattr(request, "stream_options", None)
-        client_usage = bool(options is not None and getattr(options, "include_usage", False))
-        client_continuous = client_usage and bool(getattr(options, "continuous_usage_stats", False))
-        if client_usage and (client_continuous or not continuous):
-            return False, False
-        cls = self._options_class(request)
-        if cls is None:
-            return False, False
-        try:
-            request.stream_options = cls(
-                include_usage=True, continuous_usage_stats=continuous or client_continuous
-            )
-        except Exception as exc:  # never fail the request over telemetry
-            logger.debug("stream_options not set: %s", exc)
-            return False, False
-        return not client_usage, continuous and not client_continuous
-
-    def _options_class(self, request: Any) -> Any:
-        cls = type(request)
-        if cls not in self._stream_options_cls:
-            found = None
-            model_fields = getattr(cls, "model_fields", {})
-            field = model_fields.get("stream_options")
-            if field is not None:
-                for arg in typing.get_args(field.annotation) or (field.annotation,):
-                    if isinstance(arg, type) and hasattr(arg, "model_fields"):
-                        found = arg
-                        break
-            self._stream_options_cls[cls] = found
-        return self._stream_options_cls[cls]
-
-    async def _chunk(self, rec: _Record, item: str, strip_usage: bool) -> str:
+    async def _chunk(self, rec: Record, item: str, strip_usage: bool) -> str:
         """Parse one chunk for the stream-chunk hooks; returns the chunk to send."""
-        try:
-            data = json.loads(item[_PREFIX_LEN:])
-            choices = data.get("choices") or [{}]
-            choice = choices[0]
-            delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            finish = choice.get("finish_reason")
-            usage = data.get("usage")
-            if isinstance(usage, dict):
-                rec.chunk_tokens = usage.get("completion_tokens")
-                if strip_usage:
-                    del data["usage"]
-                    item = "data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-                    item += "\n\n"
-        except Exception as exc:
-            logger.debug("chunk not parsed: %s", exc)
-            text, finish = None, None
+        text, finish, usage, item = _sse.parse_chunk(item, strip_usage)
+        if usage is not None:
+            rec.chunk_tokens = usage.get("completion_tokens")
         if text and rec.text is not None:
             rec.text.append(text)
         assert rec.kwargs is not None
@@ -460,7 +350,7 @@ class RequestObserver:
         await self._hooks(rec, ON_CHUNK, self.hooks.chunk, text or "", kwargs, ok_counts=calls)
         return item
 
-    async def _end_stream(self, rec: _Record) -> str | None:
+    async def _end_stream(self, rec: Record) -> str | None:
         """Finish a stream at ``[DONE]``; returns an error chunk to send first, or None."""
         if rec.tokens_end is None:
             rec.tokens_end = time.perf_counter()
@@ -469,8 +359,8 @@ class RequestObserver:
             error = rec.error
             await self._fail(rec, error, getattr(error, "error_type", type(error).__name__))
             return None
-        response_id, response_model, finish = _last_chunk_facts(rec.last)
-        self._response_attributes(rec, response_id, response_model, finish)
+        response_id, response_model, finish = _sse.last_chunk_facts(rec.last)
+        self._telemetry.response_attributes(rec, response_id, response_model, finish)
         if self.hooks.end:
             streamed = StreamedResponse(
                 id=response_id,
@@ -484,11 +374,11 @@ class RequestObserver:
                 await self._hooks(rec, ON_END, self.hooks.end, streamed, self._end_kwargs(rec))
             except ChildHookError as exc:
                 await self._fail(rec, exc, "hook_error")
-                return _sse_error(500, str(exc), "InternalServerError")
-        self._succeeded(rec)
+                return sse_error(500, str(exc), "InternalServerError")
+        self._telemetry.succeeded(rec)
         return None
 
-    def _count_chunk_calls(self, rec: _Record) -> None:
+    def _count_chunk_calls(self, rec: Record) -> None:
         """Successful stream-chunk calls are counted once per stream, not per chunk."""
         calls = rec.chunk_calls
         if calls is not None:
@@ -498,7 +388,7 @@ class RequestObserver:
 
     # --- endings -------------------------------------------------------------------------------
 
-    def _end_kwargs(self, rec: _Record) -> dict[str, Any]:
+    def _end_kwargs(self, rec: Record) -> dict[str, Any]:
         assert rec.kwargs is not None
         now = time.perf_counter()
         usage = TokenUsage(rec.prompt_tokens, rec.completion_tokens)
@@ -515,53 +405,8 @@ class RequestObserver:
             "chunks": rec.chunks if rec.stream else None,
         }
 
-    def _response_attributes(
-        self, rec: _Record, response_id: Any, response_model: Any, finish: list[str]
-    ) -> None:
-        span = rec.span
-        if not span.is_recording():
-            return
-        try:
-            if response_id:
-                span.set_attribute(catalog.A_GENAI_RESPONSE_ID, str(response_id))
-            if response_model:
-                span.set_attribute(catalog.A_GENAI_RESPONSE_MODEL, str(response_model))
-            if finish:
-                span.set_attribute(catalog.A_GENAI_FINISH_REASONS, finish)
-            if rec.prompt_tokens is not None:
-                span.set_attribute(catalog.A_GENAI_INPUT_TOKENS, rec.prompt_tokens)
-            if rec.completion_tokens is not None:
-                span.set_attribute(catalog.A_GENAI_OUTPUT_TOKENS, rec.completion_tokens)
-            if rec.stream:
-                span.set_attribute(catalog.A_CHUNKS, rec.chunks)
-                if rec.first is not None:
-                    span.set_attribute(catalog.A_TTFT, rec.first - rec.t0)
-        except Exception as exc:
-            logger.debug("span attributes not set: %s", exc)
-
-    def _succeeded(self, rec: _Record) -> None:
-        rec.done = True
-        try:
-            now = time.perf_counter()
-            labels = rec.labels
-            trace_id = rec.trace_id
-            self._duration.record(labels.ok, now - rec.t0, trace_id)
-            if rec.prompt_tokens is not None:
-                self._tokens.record(labels.input, float(rec.prompt_tokens), trace_id)
-            if rec.completion_tokens is not None:
-                self._tokens.record(labels.output, float(rec.completion_tokens), trace_id)
-            if rec.first is not None:
-                self._ttft.record(labels.base, rec.first - rec.t0, trace_id)
-                out = rec.completion_tokens
-                if out is not None and out > 1 and rec.tokens_end is not None:
-                    self._tpot.record(labels.base, (rec.tokens_end - rec.first) / (out - 1),
-                                      trace_id)
-            rec.span.end()
-        except Exception as exc:  # the telemetry path never fails a request
-            logger.debug("request telemetry not recorded: %s", exc)
-
     async def _fail(
-        self, rec: _Record, error: BaseException, error_type: str, status: int | None = None
+        self, rec: Record, error: BaseException, error_type: str, status: int | None = None
     ) -> None:
         """End the request with an error: ``on_llm_error``, span status, duration metric."""
         if rec.done:
@@ -575,29 +420,9 @@ class RequestObserver:
                 await self._hooks(rec, ON_ERROR, self.hooks.error, error, kwargs)
             except ChildHookError as exc:  # the request fails anyway; keep the first error
                 logger.debug("on_llm_error failed too: %s", exc)
-        self._end_error(rec, error, error_type, status)
+        self._telemetry.end_error(rec, error, error_type, status)
 
-    def _end_error(
-        self, rec: _Record, error: BaseException, error_type: str, status: int | None
-    ) -> None:
-        try:
-            span = rec.span
-            if span.is_recording():
-                span.set_attribute(catalog.A_ERROR_TYPE, error_type)
-                if status is not None:
-                    span.set_attribute("http.response.status_code", status)
-                if self._record_message:
-                    span.set_status(Status(StatusCode.ERROR, f"{error_type}: {error}"))
-                else:
-                    span.set_status(Status(StatusCode.ERROR, error_type))
-            span.end()
-            self._duration.record(
-                rec.labels.error(error_type), time.perf_counter() - rec.t0, rec.trace_id
-            )
-        except Exception as exc:
-            logger.debug("request error not recorded: %s", exc)
-
-    def _cancelled(self, rec: _Record) -> None:
+    def _cancelled(self, rec: Record) -> None:
         """The client went away (the stream was closed or the task cancelled)."""
         if rec.done:
             return
@@ -616,7 +441,7 @@ class RequestObserver:
                 return
         rec.done = True
         self._count_chunk_calls(rec)
-        self._end_error(rec, error, catalog.ERROR_CANCELLED, None)
+        self._telemetry.end_error(rec, error, catalog.ERROR_CANCELLED, None)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -629,21 +454,6 @@ def _prompt_of(op: str, request: Any) -> Any:
     if op == "completions":
         return getattr(request, "prompt", None)
     return getattr(request, "input", None)
-
-
-def _sampling_attributes(request: Any, attrs: dict[str, Any]) -> None:
-    # Read the stored values: vLLM marks max_tokens deprecated, and reading it through the
-    # attribute warns on every request.
-    values = getattr(request, "__dict__", {})
-    max_tokens = values.get("max_completion_tokens") or values.get("max_tokens")
-    if isinstance(max_tokens, int):
-        attrs[catalog.A_GENAI_MAX_TOKENS] = max_tokens
-    temperature = values.get("temperature")
-    if isinstance(temperature, (int, float)):
-        attrs[catalog.A_GENAI_TEMPERATURE] = float(temperature)
-    top_p = values.get("top_p")
-    if isinstance(top_p, (int, float)):
-        attrs[catalog.A_GENAI_TOP_P] = float(top_p)
 
 
 def _api_key_id(raw: Any) -> str | None:
@@ -665,60 +475,6 @@ def _response_error(item: Any) -> ResponseError:
         status_code=int(getattr(info, "code", 500) or 500),
         error_type=str(getattr(info, "type", None) or "ErrorResponse"),
     )
-
-
-def _stream_error(item: str) -> ResponseError:
-    try:
-        info = json.loads(item[_PREFIX_LEN:])["error"]
-        return ResponseError(
-            str(info.get("message")), status_code=int(info.get("code") or 500),
-            error_type=str(info.get("type") or "StreamError"),
-        )
-    except Exception:
-        return ResponseError("stream error", status_code=500, error_type="StreamError")
-
-
-def _kind_of(item: str) -> int:
-    """What a stream item is, whatever its key order (the slow path)."""
-    mark = item[_PREFIX_LEN:_PREFIX_LEN + 1]
-    if mark == "{":
-        if _USAGE_ONLY in item or '"choices": []' in item:  # compact (vLLM) or spaced JSON
-            return _USAGE
-        if item.startswith(_ERROR_PREFIX):
-            return _ERROR
-        return _CONTENT
-    if mark == "[":
-        return _DONE
-    return _OTHER
-
-
-def _read_usage(rec: _Record, item: str) -> None:
-    try:
-        usage = json.loads(item[_PREFIX_LEN:]).get("usage") or {}
-        rec.prompt_tokens = usage.get("prompt_tokens")
-        rec.completion_tokens = usage.get("completion_tokens")
-    except Exception as exc:
-        logger.debug("usage chunk not parsed: %s", exc)
-
-
-def _last_chunk_facts(last: str | None) -> tuple[str | None, str | None, list[str]]:
-    """Response id, model and finish reasons, from the last content chunk (parsed once)."""
-    if last is None:
-        return None, None, []
-    try:
-        data = json.loads(last[_PREFIX_LEN:])
-        finish = [
-            str(c["finish_reason"]) for c in data.get("choices") or []
-            if c.get("finish_reason") is not None
-        ]
-        return data.get("id"), data.get("model"), finish
-    except Exception:
-        return None, None, []
-
-
-def _sse_error(status: int, message: str, error_type: str) -> str:
-    body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
-    return f"data: {json.dumps(body)}\n\n"
 
 
 async def _close(gen: Any) -> None:
