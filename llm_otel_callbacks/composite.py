@@ -18,17 +18,16 @@ from opentelemetry import trace
 
 from . import catalog
 from ._callers import call_async, call_sync
+from ._ctx_changes import Snapshot, diff, snapshot
 from ._observe import HookObserver
 from ._pickling import pickle_error, unpicklable_attributes
 from ._ray import CallbackBase
 from ._validation import CallbackConfigError
-from .adapters import CTX_FIELDS, Child, FunctionChild, Hook, SeedChild, is_seed_protocol
+from .adapters import Child, FunctionChild, Hook, SeedChild, is_seed_protocol
 from .base import HookTarget, RayServeLLMCallback
 from .config import ChildSpec, CompositeOptions, parse_child_specs
 
 logger = logging.getLogger(__name__)
-
-_SECRET_HINTS = ("key", "token", "secret", "password", "passwd", "auth", "credential")
 
 
 class ChildHookError(RuntimeError):
@@ -266,7 +265,7 @@ class Composite(RayServeLLMCallback):
             await call_async(method, hook, None)
         parent = trace.get_current_span()  # the composite's span for this hook
         for child, fn, observer in self._plan(hook):
-            before = _snapshot(self.ctx)
+            before = snapshot(self.ctx)
             started = observer.start(hook, None, self._child_span_name(hook, child))
             error: BaseException | None = None
             try:
@@ -280,7 +279,7 @@ class Composite(RayServeLLMCallback):
             call_sync(method, hook, None)
         parent = trace.get_current_span()  # the composite's span for this hook
         for child, fn, observer in self._plan(hook):
-            before = _snapshot(self.ctx)
+            before = snapshot(self.ctx)
             started = observer.start(hook, None, self._child_span_name(hook, child))
             error: BaseException | None = None
             try:
@@ -297,7 +296,7 @@ class Composite(RayServeLLMCallback):
         self,
         hook: str,
         child: Child,
-        before: dict[str, tuple[int, str, Any]],
+        before: Snapshot,
         parent: trace.Span,
         observer: HookObserver,
         started: Any,
@@ -320,28 +319,23 @@ class Composite(RayServeLLMCallback):
     def _record_changes(
         self,
         child: Child,
-        before: dict[str, tuple[int, str, Any]],
+        before: Snapshot,
         span: trace.Span,
         parent: trace.Span,
     ) -> None:
-        after = _snapshot(self.ctx)
         changes = self._observer.tel.recorder(catalog.CTX_CHANGES)
-        for field in sorted(set(before) | set(after)):
-            old, new = before.get(field), after.get(field)
-            if not _changed(old, new):
-                continue
-            old_value = _old_value(old, new)
-            new_value = _MISSING if new is None else new[2]
+        for change in diff(before, snapshot(self.ctx)):
+            field = change.field
             attrs = {
                 catalog.A_CALLBACK: child.name,
                 catalog.A_FIELD: field,
-                catalog.A_OLD: _summary(field, old_value),
-                catalog.A_NEW: _summary(field, new_value),
+                catalog.A_OLD: change.old,
+                catalog.A_NEW: change.new,
             }
             span.add_event(catalog.EVENT_CTX_CHANGE, attrs)
             parent.add_event(catalog.EVENT_CTX_CHANGE, attrs)
             changes.add((self.model_id, child.name, field.split("[", 1)[0]))
-            if field == "run_init_node" and new_value is False and self.vetoed_by is None:
+            if field == "run_init_node" and change.value is False and self.vetoed_by is None:
                 self.vetoed_by = child.name
                 parent.add_event(catalog.EVENT_VETO, {catalog.A_CALLBACK: child.name})
                 logger.info("callback '%s' turned Ray's node initialization off", child.name)
@@ -354,83 +348,6 @@ class Composite(RayServeLLMCallback):
                 f"Error running callback method '{hook}' on {type(self).__name__}: {error}"
             ) from error
         super()._after_dispatch(hook, error)
-
-
-# --- ctx snapshots and summaries --------------------------------------------------------------
-
-
-def _snapshot(ctx: Any) -> dict[str, tuple[int, str, Any]]:
-    """(identity, fingerprint, value) of every ctx field and custom_data key. The repr
-    fingerprint catches in-place edits; it is compared, never emitted."""
-    snap: dict[str, tuple[int, str, Any]] = {}
-    for field in CTX_FIELDS:
-        value = getattr(ctx, field)
-        snap[field] = (id(value), _fingerprint(value), value)
-    for key, value in ctx.custom_data.items():
-        snap[f"custom_data[{key}]"] = (id(value), _fingerprint(value), value)
-    return snap
-
-
-def _fingerprint(value: Any) -> str:
-    try:
-        return repr(value)
-    except Exception:
-        return f"<{type(value).__name__}>"
-
-
-_MISSING = object()
-
-
-def _changed(old: tuple[int, str, Any] | None, new: tuple[int, str, Any] | None) -> bool:
-    if old is None or new is None:
-        return old is not new
-    return old[0] != new[0] or old[1] != new[1]
-
-
-def _old_value(old: tuple[int, str, Any] | None, new: tuple[int, str, Any] | None) -> Any:
-    if old is None:
-        return _MISSING
-    if new is not None and old[0] == new[0]:
-        # Edited in place: the object now holds the new value; only the fingerprint is old.
-        return _Fingerprint(old[1])
-    return old[2]
-
-
-class _Fingerprint:
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-
-def _summary(field: str, value: Any) -> str:
-    """A short, secret-safe description of a ctx value for a span event."""
-    if value is _MISSING:
-        return "<absent>"
-    if isinstance(value, _Fingerprint):
-        text = value.text
-        if text == "None":
-            return text
-        if any(h in field.lower() for h in _SECRET_HINTS) or field == "runtime_env":
-            return f"<{len(text)} chars>"
-        return text if len(text) <= 64 else text[:61] + "..."
-    if value is None or isinstance(value, (bool, int, float)):
-        return repr(value)
-    name = getattr(value, "name", None)
-    if hasattr(value, "bundle_specs") and hasattr(value, "id"):
-        return f"PlacementGroup(id={value.id.hex()[:16]}, bundles={len(value.bundle_specs)})"
-    if isinstance(name, str) and type(value).__module__ != "builtins" and hasattr(value, "value"):
-        return name  # an enum member
-    if isinstance(value, dict):
-        keys = ", ".join(sorted(str(k) for k in value)[:8])
-        text = f"dict({len(value)} keys: {keys})"
-        env_vars = value.get("env_vars") if field == "runtime_env" else None
-        if isinstance(env_vars, dict):
-            text += f" env_vars=[{', '.join(sorted(env_vars)[:8])}]"  # names, never values
-        return text
-    if isinstance(value, str):
-        if len(value) <= 32 and not any(h in field.lower() for h in _SECRET_HINTS):
-            return repr(value)
-        return f"str(len={len(value)})"
-    return f"<{type(value).__name__}>"
 
 
 def _check_phase_signature(fn: Any, kwargs: dict[str, Any]) -> None:
