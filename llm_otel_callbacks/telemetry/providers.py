@@ -23,6 +23,8 @@ from opentelemetry.trace import NoOpTracer, Tracer
 
 from .. import catalog
 from ..catalog import MetricSpec
+from . import factories
+from .factories import INSTRUMENTATION_NAME
 from .metrics import (
     NULL_RECORDER,
     Backend,
@@ -36,7 +38,6 @@ from .settings import TelemetrySettings
 
 logger = logging.getLogger(__name__)
 
-INSTRUMENTATION_NAME = "llm_otel_callbacks"
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.26.0"
 
 
@@ -76,13 +77,13 @@ class Telemetry:
             # Nothing would receive the spans: do not pay for recording them.
             return NoOpTracer()
         provider = SdkTracerProvider(
-            sampler=_sampler(settings),
-            resource=_resource(settings, self.process_attributes),
+            sampler=factories.sampler(settings),
+            resource=factories.resource(settings, self.process_attributes),
             shutdown_on_exit=False,  # we flush at exit ourselves, with a bound
         )
         from .export import SpanQueueProcessor
 
-        for exporter in _span_exporters(settings, self._count_dropped, self._sessions):
+        for exporter in factories.span_exporters(settings, self._count_dropped, self._sessions):
             processor = SpanQueueProcessor(
                 exporter,
                 on_drop=self._count_dropped,
@@ -129,7 +130,7 @@ class Telemetry:
             return installed.get_meter(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        exporter = _metric_exporter(settings, self._sessions)
+        exporter = factories.metric_exporter(settings, self._sessions)
         reader = PeriodicExportingMetricReader(
             exporter,
             export_interval_millis=settings.metric_export_interval_ms,
@@ -137,7 +138,7 @@ class Telemetry:
         )
         provider = SdkMeterProvider(
             metric_readers=[reader],
-            resource=_resource(settings, self.process_attributes),
+            resource=factories.resource(settings, self.process_attributes),
             shutdown_on_exit=False,
         )
         self._shutdown_hooks.append(provider)
@@ -350,126 +351,3 @@ def _process_attributes() -> dict[str, Any]:
     except Exception:
         pass
     return attrs
-
-
-def _resource(settings: TelemetrySettings, process_attrs: dict[str, Any]) -> Any:
-    from opentelemetry.sdk.resources import Resource
-
-    attrs: dict[str, Any] = dict(process_attrs)
-    attrs.update(settings.resource_attributes)
-    attrs["service.name"] = settings.service_name
-    attrs["telemetry.distro.name"] = INSTRUMENTATION_NAME
-    # Resource(...) and not Resource.create(): settings already merged the OTEL_* variables
-    # under the kwargs, and create() would let the environment win.
-    return Resource.get_empty().merge(Resource(attrs))
-
-
-def _sampler(settings: TelemetrySettings) -> Any:
-    from opentelemetry.sdk.trace import sampling
-
-    arg = 1.0 if settings.sampler_arg is None else settings.sampler_arg
-    name = settings.sampler
-    if name == "always_on":
-        return sampling.ALWAYS_ON
-    if name == "always_off":
-        return sampling.ALWAYS_OFF
-    if name == "traceidratio":
-        return sampling.TraceIdRatioBased(arg)
-    if name == "parentbased_always_off":
-        return sampling.ParentBased(sampling.ALWAYS_OFF)
-    if name == "parentbased_traceidratio":
-        return sampling.ParentBased(sampling.TraceIdRatioBased(arg))
-    return sampling.ParentBased(sampling.ALWAYS_ON)
-
-
-def _headers(settings: TelemetrySettings) -> dict[str, str]:
-    return {k: v.get_secret_value() for k, v in settings.headers.items()}
-
-
-def _signal_url(base: str, path: str) -> str:
-    """OTLP/HTTP: a base endpoint gets the signal path appended (per the exporter spec)."""
-    trimmed = base.rstrip("/")
-    return trimmed if trimmed.endswith(path) else trimmed + path
-
-
-def _http_session(settings: TelemetrySettings, sessions: list[Any]) -> Any:
-    """A one-attempt session for an SDK OTLP/HTTP exporter (see export.OneShotSession).
-
-    None when a credential-provider session is configured: the exporter loads that one.
-    """
-    if any(os.environ.get(name) for name in _CREDENTIAL_PROVIDER_VARIABLES):
-        return None
-    from .export import OneShotSession
-
-    session = OneShotSession(connect_timeout_s=min(1.0, settings.export_timeout_s))
-    sessions.append(session)
-    return session
-
-
-_CREDENTIAL_PROVIDER_VARIABLES = (
-    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
-    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
-    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_METRICS_CREDENTIAL_PROVIDER",
-)
-
-
-def _span_exporters(
-    settings: TelemetrySettings, on_drop: Any, sessions: list[Any]
-) -> list[Any]:
-    from .export import GuardedSpanExporter, OtlpJsonFileSpanExporter
-
-    exporters: list[Any] = []
-    if settings.endpoint:
-        if settings.protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter as GrpcSpanExporter,
-            )
-
-            session = None
-            inner: Any = GrpcSpanExporter(
-                endpoint=settings.endpoint,
-                headers=_headers(settings) or None,
-                timeout=settings.export_timeout_s,
-                insecure=settings.endpoint.startswith("http://"),
-            )
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                OTLPSpanExporter as HttpSpanExporter,
-            )
-
-            session = _http_session(settings, sessions)
-            inner = HttpSpanExporter(
-                endpoint=_signal_url(settings.endpoint, "/v1/traces"),
-                headers=_headers(settings) or None,
-                timeout=settings.export_timeout_s,
-                session=session,
-            )
-        exporters.append(GuardedSpanExporter(inner, on_drop, session=session))
-    if settings.traces_file:
-        exporters.append(GuardedSpanExporter(OtlpJsonFileSpanExporter(settings.traces_file)))
-    return exporters
-
-
-def _metric_exporter(settings: TelemetrySettings, sessions: list[Any]) -> Any:
-    endpoint = settings.metrics_endpoint or settings.endpoint or ""
-    if settings.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-            OTLPMetricExporter as GrpcMetricExporter,
-        )
-
-        return GrpcMetricExporter(
-            endpoint=endpoint,
-            headers=_headers(settings) or None,
-            timeout=settings.export_timeout_s,
-            insecure=endpoint.startswith("http://"),
-        )
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-        OTLPMetricExporter as HttpMetricExporter,
-    )
-
-    return HttpMetricExporter(
-        endpoint=_signal_url(endpoint, "/v1/metrics"),
-        headers=_headers(settings) or None,
-        timeout=settings.export_timeout_s,
-        session=_http_session(settings, sessions),
-    )

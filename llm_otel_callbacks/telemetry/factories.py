@@ -1,0 +1,139 @@
+"""Builders of the OTel SDK parts our providers use: the resource, the sampler and the span
+and metric exporters, from resolved :class:`TelemetrySettings`.
+
+Each is imported lazily from the SDK (an exporter pulls in protobuf or gRPC), and each OTLP/HTTP
+exporter gets a one-attempt session (see ``export.OneShotSession``) registered in ``sessions``,
+so shutdown can cap every request by one deadline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .settings import TelemetrySettings
+
+INSTRUMENTATION_NAME = "llm_otel_callbacks"
+
+
+def resource(settings: TelemetrySettings, process_attrs: dict[str, Any]) -> Any:
+    from opentelemetry.sdk.resources import Resource
+
+    attrs: dict[str, Any] = dict(process_attrs)
+    attrs.update(settings.resource_attributes)
+    attrs["service.name"] = settings.service_name
+    attrs["telemetry.distro.name"] = INSTRUMENTATION_NAME
+    # Resource(...) and not Resource.create(): settings already merged the OTEL_* variables
+    # under the kwargs, and create() would let the environment win.
+    return Resource.get_empty().merge(Resource(attrs))
+
+
+def sampler(settings: TelemetrySettings) -> Any:
+    from opentelemetry.sdk.trace import sampling
+
+    arg = 1.0 if settings.sampler_arg is None else settings.sampler_arg
+    name = settings.sampler
+    if name == "always_on":
+        return sampling.ALWAYS_ON
+    if name == "always_off":
+        return sampling.ALWAYS_OFF
+    if name == "traceidratio":
+        return sampling.TraceIdRatioBased(arg)
+    if name == "parentbased_always_off":
+        return sampling.ParentBased(sampling.ALWAYS_OFF)
+    if name == "parentbased_traceidratio":
+        return sampling.ParentBased(sampling.TraceIdRatioBased(arg))
+    return sampling.ParentBased(sampling.ALWAYS_ON)
+
+
+def _headers(settings: TelemetrySettings) -> dict[str, str]:
+    return {k: v.get_secret_value() for k, v in settings.headers.items()}
+
+
+def _signal_url(base: str, path: str) -> str:
+    """OTLP/HTTP: a base endpoint gets the signal path appended (per the exporter spec)."""
+    trimmed = base.rstrip("/")
+    return trimmed if trimmed.endswith(path) else trimmed + path
+
+
+def _http_session(settings: TelemetrySettings, sessions: list[Any]) -> Any:
+    """A one-attempt session for an SDK OTLP/HTTP exporter (see export.OneShotSession).
+
+    None when a credential-provider session is configured: the exporter loads that one.
+    """
+    if any(os.environ.get(name) for name in _CREDENTIAL_PROVIDER_VARIABLES):
+        return None
+    from .export import OneShotSession
+
+    session = OneShotSession(connect_timeout_s=min(1.0, settings.export_timeout_s))
+    sessions.append(session)
+    return session
+
+
+_CREDENTIAL_PROVIDER_VARIABLES = (
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_METRICS_CREDENTIAL_PROVIDER",
+)
+
+
+def span_exporters(
+    settings: TelemetrySettings, on_drop: Any, sessions: list[Any]
+) -> list[Any]:
+    from .export import GuardedSpanExporter, OtlpJsonFileSpanExporter
+
+    exporters: list[Any] = []
+    if settings.endpoint:
+        if settings.protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+
+            session = None
+            inner: Any = GrpcSpanExporter(
+                endpoint=settings.endpoint,
+                headers=_headers(settings) or None,
+                timeout=settings.export_timeout_s,
+                insecure=settings.endpoint.startswith("http://"),
+            )
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HttpSpanExporter,
+            )
+
+            session = _http_session(settings, sessions)
+            inner = HttpSpanExporter(
+                endpoint=_signal_url(settings.endpoint, "/v1/traces"),
+                headers=_headers(settings) or None,
+                timeout=settings.export_timeout_s,
+                session=session,
+            )
+        exporters.append(GuardedSpanExporter(inner, on_drop, session=session))
+    if settings.traces_file:
+        exporters.append(GuardedSpanExporter(OtlpJsonFileSpanExporter(settings.traces_file)))
+    return exporters
+
+
+def metric_exporter(settings: TelemetrySettings, sessions: list[Any]) -> Any:
+    endpoint = settings.metrics_endpoint or settings.endpoint or ""
+    if settings.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcMetricExporter,
+        )
+
+        return GrpcMetricExporter(
+            endpoint=endpoint,
+            headers=_headers(settings) or None,
+            timeout=settings.export_timeout_s,
+            insecure=endpoint.startswith("http://"),
+        )
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpMetricExporter,
+    )
+
+    return HttpMetricExporter(
+        endpoint=_signal_url(endpoint, "/v1/metrics"),
+        headers=_headers(settings) or None,
+        timeout=settings.export_timeout_s,
+        session=_http_session(settings, sessions),
+    )
