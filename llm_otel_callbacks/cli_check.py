@@ -2,24 +2,69 @@
 
 Accepts a Ray Serve config (``applications[].args.llm_configs[].callback_config``, where an
 ``llm_configs`` entry may also be a path to a YAML file of one LLMConfig) or a bare
-callback_config mapping. Exits 1 with pointed messages when anything is wrong.
+callback_config mapping. Exits 1 with pointed messages when anything is wrong, 2 when a file
+cannot be read; never with a traceback.
+
+It imports every module the config names and constructs the callbacks, as Ray would, so run it
+on trusted configs only. Telemetry is forced off meanwhile: nothing is exported, no traces file
+is written, no port is opened, whatever the config's ``telemetry`` says.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ._validation import CallbackConfigError
+from ._validation import CallbackConfigError, clip
 from .config import validate_callback_config
+from .telemetry.settings import telemetry_forced_off
+
+#: Largest YAML file read (a Serve config is a few KiB; /dev/zero must not fill memory).
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
+class _FileError(Exception):
+    """A file that cannot be read as YAML; the message says why."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="Ray Serve config YAML, or a callback_config")
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``: a regular file under :data:`MAX_FILE_BYTES`, UTF-8,
+    plain YAML (``safe_load``: no ``!!python`` tags). Raises :class:`_FileError`."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _FileError(f"cannot open: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _FileError("not a regular file")
+        data = os.read(fd, MAX_FILE_BYTES + 1)
+        while len(data) <= MAX_FILE_BYTES and (more := os.read(fd, MAX_FILE_BYTES + 1)):
+            data += more
+    except OSError as exc:
+        raise _FileError(f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise _FileError(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _FileError(f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _FileError(f"not valid YAML: {clip(str(exc), 300)}") from None
 
 
 def find_callback_configs(doc: Any, base_dir: Path) -> Iterator[tuple[str, Any]]:
@@ -40,14 +85,18 @@ def find_callback_configs(doc: Any, base_dir: Path) -> Iterator[tuple[str, Any]]
         app_name = app.get("name", a_index) if isinstance(app, dict) else a_index
         args = app.get("args", {}) if isinstance(app, dict) else {}
         llm_configs = args.get("llm_configs", []) if isinstance(args, dict) else []
-        for l_index, entry in enumerate(llm_configs or []):
-            where = f"applications[{app_name}].args.llm_configs[{l_index}]"
+        if not isinstance(llm_configs, list):
+            raise CallbackConfigError(
+                f"applications[{clip(str(app_name))}].args.llm_configs: must be a list"
+            )
+        for l_index, entry in enumerate(llm_configs):
+            where = f"applications[{clip(str(app_name))}].args.llm_configs[{l_index}]"
             if isinstance(entry, str):
-                path = (base_dir / entry).resolve()
+                path = base_dir / entry
                 try:
-                    entry = yaml.safe_load(path.read_text())
-                except OSError as exc:
-                    raise CallbackConfigError(f"{where}: cannot read {path}: {exc}") from None
+                    entry = read_yaml(path)
+                except _FileError as exc:
+                    raise CallbackConfigError(f"{where}: {clip(str(path))}: {exc}") from None
             if isinstance(entry, dict) and entry.get("callback_config") is not None:
                 yield f"{where}.callback_config", entry["callback_config"]
 
@@ -55,10 +104,15 @@ def find_callback_configs(doc: Any, base_dir: Path) -> Iterator[tuple[str, Any]]
 def run(args: argparse.Namespace) -> int:
     path: Path = args.config
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        print(f"FAIL {path}: cannot load YAML: {exc}")
+        doc = read_yaml(path)
+    except _FileError as exc:
+        print(f"FAIL {path}: {exc}")
         return 2
+    with telemetry_forced_off():
+        return _check_all(doc, path)
+
+
+def _check_all(doc: Any, path: Path) -> int:
     failures = 0
     found = 0
     try:
@@ -69,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
             except CallbackConfigError as exc:
                 failures += 1
                 print(f"FAIL {where}:\n  " + str(exc).replace("\n", "\n  "))
+                continue
+            except Exception as exc:  # whatever the named code does: a message, no traceback
+                failures += 1
+                print(f"FAIL {where}: {type(exc).__name__}: {clip(str(exc), 500)}")
                 continue
             children = getattr(callback, "children", None)
             detail = f" ({len(children)} children: {', '.join(c.name for c in children)})" \

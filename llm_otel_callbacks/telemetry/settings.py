@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 from urllib.parse import unquote
 
@@ -23,6 +24,20 @@ SamplerName = Literal[
 ]
 
 DEFAULT_SERVICE_NAME = "ray-serve-llm"
+
+_forced_off: list[bool] = []  # a stack: nested blocks restore what was before
+
+
+@contextlib.contextmanager
+def telemetry_forced_off() -> Iterator[None]:
+    """Within the block, every settings resolved in this process (any thread) have
+    ``enabled: false``, whatever the kwargs or ``OTEL_*`` say: ``check`` constructs callbacks
+    but must export nothing, write no file and open no port."""
+    _forced_off.append(True)
+    try:
+        yield
+    finally:
+        _forced_off.pop()
 
 
 class TelemetrySettings(BaseModel):
@@ -107,7 +122,10 @@ class TelemetrySettings(BaseModel):
                     f"telemetry: expected a mapping, got {type(overrides).__name__}"
                 )
             merged.update(overrides)
-        return validate_kwargs(cls, merged, "telemetry")
+        settings = validate_kwargs(cls, merged, "telemetry")
+        if _forced_off:
+            settings = settings.model_copy(update={"enabled": False})
+        return settings
 
 
 def from_environment(env: Mapping[str, str]) -> dict[str, Any]:
