@@ -37,6 +37,11 @@ def _commands() -> list[Command]:
         commands.append(("dashboards", "regenerate the Grafana dashboards", dash_args, dash_run))
     except ImportError:
         pass
+    from .alerts import add_arguments as alert_args
+    from .alerts import run as alert_run
+
+    commands.append(("alerts", "regenerate the Prometheus alerting rules (or write custom ones)",
+                     alert_args, alert_run))
     return commands
 
 
