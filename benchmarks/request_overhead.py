@@ -455,7 +455,7 @@ class _Receiver:
     def __init__(self) -> None:
         import multiprocessing
 
-        from llm_otel_callbacks._ports import free_port
+        from llm_otel_callbacks.demo.ports import free_port
 
         self.port = free_port()
         ctx = multiprocessing.get_context("spawn")
@@ -531,7 +531,7 @@ def same_engine_app(
     yields (base URL, seconds from deploy to ready). Everything is torn down on exit."""
     from ray import serve
 
-    from llm_otel_callbacks._ports import free_port
+    from llm_otel_callbacks.demo.ports import free_port
     from tests._support.ray_env import start_local_ray
     from tests._support.tiny_model import make_tiny_model
 

@@ -23,8 +23,8 @@ def _commands() -> list[Command]:
          _check_args, _check_run),
     ]
     try:  # optional commands whose modules may pull heavier imports
-        from .demo import add_arguments as demo_args
-        from .demo import run as demo_run
+        from .demo.app import add_arguments as demo_args
+        from .demo.app import run as demo_run
 
         commands.append(("demo", "run the end-to-end demo on an embedded default",
                          demo_args, demo_run))

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from llm_otel_callbacks import _dashboard_specs, _promql, catalog, dashboards
-from llm_otel_callbacks._prometheus import PrometheusServer, promtool_check, start_prometheus
 from llm_otel_callbacks.demo import MODEL_ID, DemoContext, DemoOptions, run_demo
+from llm_otel_callbacks.demo.prometheus import PrometheusServer, promtool_check, start_prometheus
 from tests._support.prometheus import require_prometheus
 
 GENERATOR = {Path(m.__file__).name: Path(m.__file__).read_text()
@@ -130,7 +130,7 @@ def test_exemplars_carry_the_trace_id_the_dashboard_links(
     """Outside Ray (prometheus_client backend, OpenMetrics exposition) a hook observation
     carries its span's trace id; Prometheus stores it, and the exemplar-enabled panel query,
     on that backend's names, returns it under the label the panel's data link reads."""
-    from llm_otel_callbacks._waterfall import read_spans
+    from llm_otel_callbacks.demo.waterfall import read_spans
     from llm_otel_callbacks.telemetry import get_telemetry, reset_telemetry
     from tests.callbacks_for_tests import NoopChild
 

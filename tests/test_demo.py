@@ -15,9 +15,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Status, StatusCode, set_span_in_context
 
 from llm_otel_callbacks import CallbackConfigError, catalog
-from llm_otel_callbacks._local_ray import MARKER_VAR
-from llm_otel_callbacks._waterfall import read_spans, render_waterfall, startup_traces
 from llm_otel_callbacks.demo import dashboard_files
+from llm_otel_callbacks.demo.local_ray import MARKER_VAR
+from llm_otel_callbacks.demo.waterfall import read_spans, render_waterfall, startup_traces
 from llm_otel_callbacks.telemetry.export import OtlpJsonFileSpanExporter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

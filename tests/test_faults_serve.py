@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from llm_otel_callbacks import RayServeLLMCallback, catalog
-from llm_otel_callbacks._ports import free_port
+from llm_otel_callbacks.demo.ports import free_port
 from tests._support.otlp_receiver import OtlpHttpReceiver
 from tests._support.ray_env import LocalRay, scrape, start_local_ray
 from tests._support.serve_app import ENGINE_KWARGS, VLLM_CPU_ENV, wait_ready

@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from llm_otel_callbacks import Composite, RayServeLLMCallback
-from llm_otel_callbacks._ports import free_port
+from llm_otel_callbacks.demo.ports import free_port
 from llm_otel_callbacks.telemetry import get_telemetry, reset_telemetry
 from tests._support.fault_collector import FaultCollector, dropped_spans
 

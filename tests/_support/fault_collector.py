@@ -30,7 +30,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from llm_otel_callbacks import RayServeLLMCallback, catalog
-from llm_otel_callbacks._ports import free_port
+from llm_otel_callbacks.demo.ports import free_port
 from llm_otel_callbacks.telemetry import get_telemetry
 
 from .otlp_receiver import OtlpHttpReceiver

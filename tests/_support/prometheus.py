@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from llm_otel_callbacks._prometheus import INSTALL_HINT, find_binary
+from llm_otel_callbacks.demo.prometheus import INSTALL_HINT, find_binary
 
 REQUIRE_ENV = "LLM_OTEL_REQUIRE_PROMETHEUS"
 

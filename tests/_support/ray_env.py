@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from llm_otel_callbacks._local_ray import seed_llm_registries
-from llm_otel_callbacks._ports import free_port, free_ports
+from llm_otel_callbacks.demo.local_ray import seed_llm_registries
+from llm_otel_callbacks.demo.ports import free_port, free_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llm_otel_callbacks._tiny_model import (
+from llm_otel_callbacks.demo.tiny_model import (
     BOS,
     CHAT_TEMPLATE,
     EOS,

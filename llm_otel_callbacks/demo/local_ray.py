@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._ports import free_port
+from .ports import free_port
 
 MARKER_VAR = "LLM_OTEL_LOCAL_RAY_RUN"
 # AF_UNIX socket paths must stay under 108 bytes; Ray adds about 65 after its temp dir.

@@ -29,16 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import catalog
-from ._console import Console, Step
-from ._local_ray import LocalRay, start_local_ray
-from ._ports import free_port
-from ._prometheus import INSTALL_HINT, PrometheusServer, find_binary, start_prometheus
-from ._promql import VLLM_SUCCESS
-from ._ray import CallbackConfig
-from ._waterfall import StartupTrace, phase_table, read_spans, render_waterfall, startup_traces
+from .. import catalog
+from .._promql import VLLM_SUCCESS
+from .._ray import CallbackConfig
+from .console import Console, Step
+from .local_ray import LocalRay, start_local_ray
+from .ports import free_port
+from .prometheus import INSTALL_HINT, PrometheusServer, find_binary, start_prometheus
+from .waterfall import StartupTrace, phase_table, read_spans, render_waterfall, startup_traces
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_ID = "tiny"
 APP_NAME = "llm_demo"
 SERVER_CLS = "llm_otel_callbacks.serve.ObservedLLMServer"
@@ -151,7 +151,7 @@ def run_demo(
     try:
         examples = _examples_dir()
         with console.step("Creating a tiny model (random weights, local tokenizer)") as step:
-            from ._tiny_model import make_tiny_model
+            from .tiny_model import make_tiny_model
 
             model_dir = make_tiny_model(folder / "model")
             step.result = f"{model_dir}"
@@ -244,7 +244,7 @@ def _use_observed_server(wanted: bool | None) -> bool:
     if wanted is False:
         return False
     try:
-        from .serve import ObservedLLMServer  # noqa: F401
+        from ..serve import ObservedLLMServer  # noqa: F401
     except ImportError as exc:
         if wanted:
             raise DemoError(f"ObservedLLMServer is not available: {exc}") from None

@@ -186,7 +186,7 @@ def make_tiny_model(dest: Path) -> Path:
     return dest
 
 
-if __name__ == "__main__":  # python -m llm_otel_callbacks._tiny_model /some/dir
+if __name__ == "__main__":  # python -m llm_otel_callbacks.demo.tiny_model /some/dir
     import sys
 
     print(make_tiny_model(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-model")))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._ports import free_port
+from .ports import free_port
 
 INSTALL_HINT = "sudo apt-get install prometheus   (Debian/Ubuntu; it brings promtool too)"
 
