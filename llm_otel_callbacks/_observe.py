@@ -85,7 +85,7 @@ class HookObserver:
         elapsed = time.perf_counter() - t0
         outcome = outcome_of(exc)
         otel_context.detach(token)  # type: ignore[arg-type]
-        trace_id = None
+        exemplar = None
         if span.is_recording():
             span.set_attribute(catalog.A_OUTCOME, outcome)
             if exc is not None:
@@ -95,9 +95,9 @@ class HookObserver:
                     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                 else:
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            trace_id = format(span.get_span_context().trace_id, "032x")
+            exemplar = span.get_span_context()
         span.end()
         labels = (self.model, hook, self.name, outcome)
-        self._duration.record(labels, elapsed, trace_id)
+        self._duration.record(labels, elapsed, exemplar)
         self._calls.add(labels)
         return outcome

@@ -176,7 +176,8 @@ def test_prometheus_port_binds_loopback_with_exemplars() -> None:
         if line.startswith("llm_callback_hook_duration_seconds_bucket") and "trace_id" in line
     )
     assert 'hook="on_before_download_model_files_distributed"' in text
-    assert "# {trace_id=" in bucket
+    exemplar = bucket.split(" # ", 1)[1]
+    assert 'trace_id="' in exemplar and 'span_id="' in exemplar
 
 
 def test_otlp_headers_are_sent_but_never_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -34,7 +34,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .. import catalog
@@ -118,23 +118,25 @@ class Timing(RayServeLLMCallback):
         seconds = (end_ns - start_ns) / 1e9
         outcome = catalog.OUTCOME_OK if error is None else catalog.OUTCOME_ERROR
         try:
-            self._phase_span(name, start_ns, end_ns, node, error)
-            self._phase_metric(name, seconds, node, outcome)
+            exemplar = self._phase_span(name, start_ns, end_ns, node, error)
+            self._phase_metric(name, seconds, node, outcome, exemplar)
             done: list[PhaseRecord] = self.process_cache.setdefault(_DONE, [])
             done.append(PhaseRecord(name, seconds, node, outcome))
         except Exception as exc:  # telemetry must never hurt the startup
             say(logger, logging.WARNING, f"Timing: could not record phase {name}: {exc}")
         return seconds
 
-    def _phase_metric(self, name: str, seconds: float, node: str | None, outcome: str) -> None:
+    def _phase_metric(self, name: str, seconds: float, node: str | None, outcome: str,
+                      exemplar: SpanContext | None = None) -> None:
         self._observer.tel.recorder(catalog.STARTUP_PHASE_DURATION).record(
-            (self.model_id, name, node or "", outcome), seconds
+            (self.model_id, name, node or "", outcome), seconds, exemplar
         )
 
     def _phase_span(
         self, name: str, start_ns: int, end_ns: int, node: str | None,
         error: BaseException | str | None,
-    ) -> None:
+    ) -> SpanContext | None:
+        """The phase's span; returns its context when it records (the metric's exemplar)."""
         attrs: dict[str, Any] = {
             catalog.A_PHASE: name,
             catalog.A_MODEL: self.model_id,
@@ -154,7 +156,9 @@ class Timing(RayServeLLMCallback):
             span.set_status(Status(StatusCode.ERROR, message))
             if isinstance(error, BaseException):
                 span.set_attribute("error.type", type(error).__qualname__)
+        exemplar = span.get_span_context() if span.is_recording() else None
         span.end(end_time=end_ns)
+        return exemplar
 
     def _phase_parent(self) -> Context | None:
         # Remember the startup span's context: a phase recorded after the startup span has

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanContext, Status, StatusCode
 
 from .. import catalog
 from ..telemetry.providers import Telemetry
@@ -25,8 +25,8 @@ class Record:
 
     __slots__ = (
         "chunk_calls", "chunk_tokens", "chunks", "completion_tokens", "ctx", "done", "error",
-        "first", "kwargs", "labels", "last", "op", "prompt_tokens", "span", "stream", "t0",
-        "text", "tokens_end", "trace_id",
+        "exemplar", "first", "kwargs", "labels", "last", "op", "prompt_tokens", "span", "stream",
+        "t0", "text", "tokens_end", "trace_id",
     )
 
     def __init__(self, op: str, labels: Labels, stream: bool) -> None:
@@ -37,6 +37,7 @@ class Record:
         self.span: Span = INVALID_SPAN
         self.ctx: Context | None = None
         self.trace_id: str | None = None
+        self.exemplar: SpanContext | None = None  # the span's context when it records
         self.kwargs: dict[str, Any] | None = None
         self.chunks = 0
         self.chunk_calls: list[int] | None = None
@@ -109,18 +110,18 @@ class RequestTelemetry:
         try:
             now = time.perf_counter()
             labels = rec.labels
-            trace_id = rec.trace_id
-            self._duration.record(labels.ok, now - rec.t0, trace_id)
+            exemplar = rec.exemplar
+            self._duration.record(labels.ok, now - rec.t0, exemplar)
             if rec.prompt_tokens is not None:
-                self._tokens.record(labels.input, float(rec.prompt_tokens), trace_id)
+                self._tokens.record(labels.input, float(rec.prompt_tokens), exemplar)
             if rec.completion_tokens is not None:
-                self._tokens.record(labels.output, float(rec.completion_tokens), trace_id)
+                self._tokens.record(labels.output, float(rec.completion_tokens), exemplar)
             if rec.first is not None:
-                self._ttft.record(labels.base, rec.first - rec.t0, trace_id)
+                self._ttft.record(labels.base, rec.first - rec.t0, exemplar)
                 out = rec.completion_tokens
                 if out is not None and out > 1 and rec.tokens_end is not None:
                     self._tpot.record(labels.base, (rec.tokens_end - rec.first) / (out - 1),
-                                      trace_id)
+                                      exemplar)
             rec.span.end()
         except Exception as exc:  # the telemetry path never fails a request
             logger.debug("request telemetry not recorded: %s", exc)
@@ -140,7 +141,7 @@ class RequestTelemetry:
                     span.set_status(Status(StatusCode.ERROR, error_type))
             span.end()
             self._duration.record(
-                rec.labels.error(error_type), time.perf_counter() - rec.t0, rec.trace_id
+                rec.labels.error(error_type), time.perf_counter() - rec.t0, rec.exemplar
             )
         except Exception as exc:
             logger.debug("request error not recorded: %s", exc)

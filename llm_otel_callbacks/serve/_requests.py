@@ -126,6 +126,8 @@ class RequestObserver:
         rec.span = span
         rec.ctx = set_span_in_context(span, parent)
         span_ctx = span.get_span_context()
+        if span.is_recording():
+            rec.exemplar = span_ctx
         if not span_ctx.is_valid:  # no tracer of ours: the hooks still get Serve's trace
             span_ctx = get_current_span(parent).get_span_context()
         rec.trace_id = format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None

@@ -4,11 +4,17 @@
   which the standard scrape of Ray's metrics export port already collects, so replicas need
   no port of their own. Ray prefixes the names with ``ray_``.
 * prometheus_client: outside Ray, a registry (the default one unless given), optionally served
-  on a port bound to 127.0.0.1. Histograms carry the trace id as an exemplar, which the
-  OpenMetrics exposition shows.
-* OTLP: when an OTLP endpoint is configured, through an OTel meter.
+  on a port bound to 127.0.0.1. Histograms carry the trace and span id as an exemplar, which
+  the OpenMetrics exposition shows.
+* OTLP: when asked for (``otlp_metrics``), through an OTel SDK meter. Histograms carry
+  exemplars (trace and span id of the sampled span the measurement belongs to), which OTLP
+  carries to backends that keep them.
+
+Ray's metrics carry no exemplars (``ray.util.metrics`` has no way to pass one).
 
 Each recorder caches its per-label-set handle, so a hot call is one dict lookup and one add.
+A histogram's ``exemplar`` is the ``SpanContext`` of the span the value belongs to (or None);
+it is formatted only by a backend that keeps it.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..catalog import MetricSpec
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +39,7 @@ class Recorder(Protocol):
 
     def add(self, labels: Labels, value: float = 1.0) -> None: ...
 
-    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None: ...
+    def record(self, labels: Labels, value: float, exemplar: SpanContext | None = None) -> None: ...
 
 
 class Backend(Protocol):
@@ -43,32 +52,21 @@ class _NullRecorder:
     def add(self, labels: Labels, value: float = 1.0) -> None:
         return None
 
-    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
+    def record(self, labels: Labels, value: float, exemplar: SpanContext | None = None) -> None:
         return None
 
 
 NULL_RECORDER: Recorder = _NullRecorder()
 
 
-class _FanOut:
-    """Several backends at once (e.g. Ray plus OTLP)."""
-
-    def __init__(self, parts: Sequence[Recorder]) -> None:
-        self._parts = tuple(parts)
-
-    def add(self, labels: Labels, value: float = 1.0) -> None:
-        for part in self._parts:
-            part.add(labels, value)
-
-    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
-        for part in self._parts:
-            part.record(labels, value, trace_id)
-
-
-def combine(parts: Sequence[Recorder]) -> Recorder:
+def combine(spec: MetricSpec, parts: Sequence[Recorder], pipe: Any = None) -> Recorder:
+    """One recorder for ``parts``: the part itself when there is one; several go through
+    ``pipe`` (a :class:`~.metric_pipe.MetricPipe`: recorded once, fanned out at export)."""
     if not parts:
         return NULL_RECORDER
-    return parts[0] if len(parts) == 1 else _FanOut(parts)
+    if len(parts) == 1 or pipe is None:
+        return parts[0]
+    return pipe.recorder(spec, parts)  # type: ignore[no-any-return]
 
 
 # --- Ray ---------------------------------------------------------------------------------
@@ -116,7 +114,7 @@ class _RayRecorder:
         else:
             self._metric.inc(value, tags=self._tags_for(labels))
 
-    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
+    def record(self, labels: Labels, value: float, exemplar: SpanContext | None = None) -> None:
         self._metric.observe(value, tags=self._tags_for(labels))
 
 
@@ -170,9 +168,12 @@ class _PromRecorder:
     def add(self, labels: Labels, value: float = 1.0) -> None:
         self._child(labels).inc(value)
 
-    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
-        if trace_id is not None:
-            self._child(labels).observe(value, exemplar={"trace_id": trace_id})
+    def record(self, labels: Labels, value: float, exemplar: SpanContext | None = None) -> None:
+        if exemplar is not None and exemplar.trace_flags.sampled:
+            self._child(labels).observe(value, exemplar={
+                "trace_id": format(exemplar.trace_id, "032x"),
+                "span_id": format(exemplar.span_id, "016x"),
+            })
         else:
             self._child(labels).observe(value)
 
@@ -239,8 +240,15 @@ class _OtelRecorder:
     def add(self, labels: Labels, value: float = 1.0) -> None:
         self._inst.add(value, self._attributes(labels))
 
-    def record(self, labels: Labels, value: float, trace_id: str | None = None) -> None:
-        self._inst.record(value, self._attributes(labels))
+    def record(self, labels: Labels, value: float, exemplar: SpanContext | None = None) -> None:
+        if exemplar is not None and exemplar.trace_flags.sampled:
+            # The SDK's trace-based exemplar filter reads the span from the context.
+            from opentelemetry.trace import NonRecordingSpan, set_span_in_context
+
+            context = set_span_in_context(NonRecordingSpan(exemplar))
+            self._inst.record(value, self._attributes(labels), context=context)
+        else:
+            self._inst.record(value, self._attributes(labels))
 
 
 class OtelBackend:

@@ -26,7 +26,6 @@ from ..catalog import MetricSpec
 from . import factories
 from .factories import INSTRUMENTATION_NAME
 from .metrics import (
-    NULL_RECORDER,
     Backend,
     OtelBackend,
     PrometheusBackend,
@@ -56,6 +55,8 @@ class Telemetry:
         self.tracer_provider: Any = None
         self.backends: list[Backend] = []
         self.prometheus_port: int | None = None
+        # Set when metrics go to two backends (local + OTLP): recorded once, fanned out.
+        self.metric_pipe: Any = None
         if not settings.enabled:
             self.tracer: Tracer = NoOpTracer()
             return
@@ -119,6 +120,10 @@ class Telemetry:
             meter = self._make_meter()
             if meter is not None:
                 backends.append(OtelBackend(meter))
+        if len(backends) > 1:
+            from .metric_pipe import MetricPipe
+
+            self.metric_pipe = MetricPipe()
         return backends
 
     def _make_meter(self) -> Any:
@@ -163,7 +168,7 @@ class Telemetry:
                             "llm_otel_callbacks: metric %s unavailable on %s: %s",
                             spec.name, backend.name, exc,
                         )
-                rec = combine(parts) if parts else NULL_RECORDER
+                rec = combine(spec, parts, self.metric_pipe)
                 self._recorders[spec.name] = rec
         return rec
 
@@ -172,7 +177,15 @@ class Telemetry:
     def force_flush(self, timeout_s: float | None = None) -> None:
         """Flush spans and metrics, waiting at most ``timeout_s`` in total."""
         timeout = self.settings.shutdown_timeout_s if timeout_s is None else timeout_s
-        _bounded(lambda: [_flush(p, timeout) for p in self._flushables()], timeout)
+        pipe = self.metric_pipe
+
+        def flush_all() -> None:
+            if pipe is not None:
+                pipe.flush()  # pending measurements first, so the meter exports them
+            for provider in self._flushables():
+                _flush(provider, timeout)
+
+        _bounded(flush_all, timeout)
 
     def _flushables(self) -> list[Any]:
         out = list(self._shutdown_hooks)
@@ -197,6 +210,8 @@ class Telemetry:
                 logger.debug("telemetry pre-shutdown hook failed: %s", exc)
         for session in self._sessions:
             session.deadline = deadline
+        if self.metric_pipe is not None:
+            _bounded(self.metric_pipe.shutdown, _left(deadline))
         hooks, self._shutdown_hooks = self._shutdown_hooks, []
         reused = self.tracer_provider if self.tracer_provider not in hooks else None
 

@@ -65,8 +65,10 @@ class TelemetrySettings(BaseModel):
     prometheus_port: Count | None = Field(default=None, ge=0, le=65535)
     """Outside Ray: serve the prometheus_client registry on this port (0 = pick a free one)."""
     prometheus_host: str = "127.0.0.1"
-    otlp_metrics: bool | None = None
-    """Export metrics over OTLP too; default: when an endpoint is configured."""
+    otlp_metrics: bool = False
+    """Export metrics over OTLP too (``OTEL_METRICS_EXPORTER=otlp``). Off by default: each
+    measurement then goes to exactly one backend (Ray's metrics or prometheus_client). When on,
+    a measurement is still recorded once and fanned out to both at export (metric_pipe)."""
     # Upper bounds: an hour. Larger values (and inf) overflow the SDK's thread waits, which
     # would fail in a background thread at run time instead of here.
     metric_export_interval_ms: Count = Field(default=10_000, ge=100, le=3_600_000)
@@ -98,9 +100,7 @@ class TelemetrySettings(BaseModel):
     def exports_otlp_metrics(self) -> bool:
         if not self.enabled:
             return False
-        if self.otlp_metrics is not None:
-            return self.otlp_metrics and bool(self.metrics_endpoint or self.endpoint)
-        return bool(self.metrics_endpoint or self.endpoint)
+        return self.otlp_metrics and bool(self.metrics_endpoint or self.endpoint)
 
     @classmethod
     def resolve(
@@ -182,7 +182,10 @@ def from_environment(env: Mapping[str, str]) -> dict[str, Any]:
         out["schedule_delay_ms"] = env["OTEL_BSP_SCHEDULE_DELAY"]
     if env.get("OTEL_METRIC_EXPORT_INTERVAL"):
         out["metric_export_interval_ms"] = env["OTEL_METRIC_EXPORT_INTERVAL"]
-    if env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none":
+    exporters = {e.strip() for e in env.get("OTEL_METRICS_EXPORTER", "").lower().split(",")}
+    if "otlp" in exporters:
+        out["otlp_metrics"] = True
+    elif "none" in exporters:
         out["otlp_metrics"] = False
     if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
         out["endpoint"] = None

@@ -63,7 +63,8 @@ class ReceivedMetric:
     resource_attributes: dict[str, Any]
     scope_name: str
     # One dict per data point: {"attributes": {...}, "value": ...} for sum/gauge,
-    # {"attributes", "count", "sum", "bucket_counts", "explicit_bounds"} for histograms.
+    # {"attributes", "count", "sum", "bucket_counts", "explicit_bounds", "exemplars"} for
+    # histograms (each exemplar: {"trace_id", "span_id"} in hex, "value").
     points: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -107,6 +108,12 @@ def _points(metric: Any, kind: str) -> list[dict[str, Any]]:
                 sum=dp.sum,
                 bucket_counts=list(dp.bucket_counts),
                 explicit_bounds=list(dp.explicit_bounds),
+                exemplars=[
+                    {"trace_id": e.trace_id.hex(), "span_id": e.span_id.hex(),
+                     "value": getattr(e, e.WhichOneof("value")) if e.WhichOneof("value")
+                     else None}
+                    for e in dp.exemplars
+                ],
             )
         else:  # exponential histogram / summary: keep the count at least
             p["count"] = getattr(dp, "count", None)
