@@ -7,11 +7,14 @@
     default_price: {input: 0.1, output: 0.4}   # optional: models not listed
     currency: USD
 
-The model looked up is the request's ``model`` (a LoRA adapter can have its own price), then the
-deployment's model id. Totals are kept per replica (``total_cost``, ``costs_by_model``) and
-counted in ``llm_callback_cost_total{model, currency}``; each request span gets
-``llm_callback.cost``. A request with no price is counted in
-``llm_callback_cost_unpriced_requests_total`` (and logged once per model).
+The model looked up is the request's ``model`` when ``prices`` lists it (a LoRA adapter can
+have its own price), then the deployment's model id. With ``default_price``, a requested model
+that is neither is priced at it and recorded as ``other``: the request's ``model`` is client
+input, so only configured models become label values and keys (bounded cardinality). Totals are kept
+per replica (``total_cost``, ``costs_by_model``) and counted in
+``llm_callback_cost_total{model, currency}``; each request span gets ``llm_callback.cost``. A
+request with no price is counted in ``llm_callback_cost_unpriced_requests_total`` (and logged
+once per model).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from .._validation import Number
 from ..base import RayServeLLMCallback
 
 logger = logging.getLogger(__name__)
+
+#: Label (and ``costs_by_model`` key) of requested models that are not configured.
+OTHER_MODEL = "other"
 
 
 class Price(BaseModel):
@@ -75,13 +81,23 @@ class CostTracker(RayServeLLMCallback):
             return None
         return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
 
+    def _priced_as(self, base_model: str, requested: Any) -> tuple[str, Price | None]:
+        """(label, price): a configured model name (or ``other``) and its price."""
+        options: CostTrackerOptions = self.options
+        if requested:
+            requested = str(requested)
+            if requested in options.prices:
+                return requested, options.prices[requested]
+            if requested != base_model and options.default_price is not None:
+                return OTHER_MODEL, options.default_price
+        return base_model, self.price_of(base_model)
+
     async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
         base_model = str(kwargs.get("model") or self.model_id)
-        requested = getattr(kwargs.get("request"), "model", None)
-        model = requested if requested and self.price_of(str(requested)) else base_model
+        model, price = self._priced_as(base_model, getattr(kwargs.get("request"), "model", None))
         prompt = int(kwargs.get("prompt_tokens") or 0)
         completion = int(kwargs.get("completion_tokens") or 0)
-        cost = self.cost_of(model, prompt, completion)
+        cost = None if price is None else (prompt * price.input + completion * price.output) / 1e6
         tel = self._observer.tel
         if cost is None:
             tel.recorder(catalog.COST_UNPRICED).add((model,))

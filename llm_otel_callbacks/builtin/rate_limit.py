@@ -16,22 +16,39 @@ in ``llm_callback_requests_rejected_total{reason}``. Refused requests do not use
 Windows slide over the last 60 s. The token limit refuses a request once the tokens of the
 requests that finished in the window reach the limit (a request's size is known only when it
 ends). Limits hold per replica: with N replicas a key can get up to N times the limit.
+
+**What the keys assume.** ``api_key`` and ``user`` budget whatever the client sends: this
+package does not authenticate anyone. Behind a gateway that authenticates the bearer token (or
+sets ``user``), a key is a client. Without one, a client that sends a fresh token (or ``user``)
+with each request gets a fresh budget each time. ``known_keys`` closes that: only the listed
+keys (SHA-256 hex digests of the bearer tokens, or ``user`` values) get budgets of their own;
+every other value shares one ``unlisted`` budget. Budgets are bounded by count (``max_keys``)
+and by memory (``max_memory_mib``); the least recently used are forgotten first.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections import OrderedDict, deque
+from bisect import bisect_right
+from collections import OrderedDict
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .._request_hooks import RequestRejected
-from .._validation import Count
+from .._validation import Count, Number
 from ..base import RayServeLLMCallback
 
 WINDOW_S = 60.0
 _STATE = "rate_limiter.buckets"  # process_cache key (per replica, never pickled)
+#: Memory of one budget with its key and map entry, and of one timestamp (or token record) in
+#: it, in bytes: measured with tracemalloc on CPython 3.10-3.12, rounded up.
+#: tests/test_request_builtins.py checks the bound against tracemalloc.
+BUDGET_BYTES = 600
+ENTRY_BYTES = 80
+UNLISTED = "unlisted"
+_API_KEY_DIGEST = re.compile(r"^[0-9a-fA-F]{16,64}$")
 
 
 class RateLimitExceeded(RequestRejected):
@@ -62,32 +79,97 @@ class RateLimiterOptions(BaseModel):
     field, or everyone together."""
     anonymous: Literal["limit", "exempt"] = "limit"
     """Requests without that key: one shared budget (limit) or no limit (exempt)."""
+    known_keys: list[str] | None = None
+    """Only these keys get budgets of their own; any other shares one ``unlisted`` budget.
+    With ``key: api_key``: SHA-256 hex digests of the bearer tokens (``printf %s "$TOKEN" |
+    sha256sum``; the first 16 hex digits are compared); with ``key: user``: the user values."""
     max_keys: Count = Field(default=100_000, gt=0)
     """Budgets kept at most; the least recently used are forgotten beyond that."""
+    max_memory_mib: Number = Field(default=32.0, gt=0, le=65536, allow_inf_nan=False)
+    """Memory the budgets may hold (estimated); the least recently used are forgotten beyond."""
 
     @model_validator(mode="after")
     def _some_limit(self) -> RateLimiterOptions:
         if self.requests_per_minute is None and self.tokens_per_minute is None:
             raise ValueError("set requests_per_minute, tokens_per_minute, or both")
+        if self.known_keys is not None:
+            if self.key == "global":
+                raise ValueError("known_keys needs key: api_key or key: user")
+            if self.key == "api_key":
+                bad = [i for i, k in enumerate(self.known_keys) if not _API_KEY_DIGEST.match(k)]
+                if bad:  # never echo the entry: it may be the token itself, pasted by mistake
+                    raise ValueError(
+                        f"known_keys[{bad[0]}]: must be the SHA-256 hex digest of a key "
+                        "(16 to 64 hex digits), not the key"
+                    )
         return self
 
 
 class _Bucket:
-    __slots__ = ("requests", "token_sum", "tokens")
+    """One key's window: sorted timestamps of admitted requests and of finished requests'
+    token counts. Plain lists (a deque costs ~600 bytes empty): the window is cut with bisect."""
+
+    __slots__ = ("requests", "token_at", "token_sum", "token_used")
 
     def __init__(self) -> None:
-        self.requests: deque[float] = deque()
-        self.tokens: deque[tuple[float, int]] = deque()
+        self.requests: list[float] = []
+        self.token_at: list[float] = []
+        self.token_used: list[int] = []
         self.token_sum = 0
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float) -> int:
+        """Drop what left the window; returns how many entries were dropped."""
         horizon = now - WINDOW_S
-        requests = self.requests
-        while requests and requests[0] <= horizon:
-            requests.popleft()
-        tokens = self.tokens
-        while tokens and tokens[0][0] <= horizon:
-            self.token_sum -= tokens.popleft()[1]
+        cut = bisect_right(self.requests, horizon)
+        if cut:
+            del self.requests[:cut]
+        cut_tokens = bisect_right(self.token_at, horizon)
+        if cut_tokens:
+            self.token_sum -= sum(self.token_used[:cut_tokens])
+            del self.token_at[:cut_tokens]
+            del self.token_used[:cut_tokens]
+        return cut + cut_tokens
+
+    @property
+    def entries(self) -> int:
+        return len(self.requests) + len(self.token_at)
+
+
+class _Budgets:
+    """Every key's bucket, least recently used first, with an estimate of their memory."""
+
+    __slots__ = ("buckets", "entries", "max_bytes", "max_keys")
+
+    def __init__(self, max_keys: int, max_bytes: float) -> None:
+        self.buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self.entries = 0
+        self.max_keys = max_keys
+        self.max_bytes = max_bytes
+
+    def estimated_bytes(self) -> int:
+        return len(self.buckets) * BUDGET_BYTES + self.entries * ENTRY_BYTES
+
+    def get(self, key: str, now: float) -> _Bucket:
+        buckets = self.buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = _Bucket()
+        else:
+            buckets.move_to_end(key)
+            self.entries -= bucket.expire(now)
+        return bucket
+
+    def added(self, count: int = 1) -> None:
+        self.entries += count
+        self._evict()
+
+    def _evict(self) -> None:
+        buckets = self.buckets
+        while len(buckets) > 1 and (
+            len(buckets) > self.max_keys or self.estimated_bytes() > self.max_bytes
+        ):
+            _, oldest = buckets.popitem(last=False)
+            self.entries -= oldest.entries
 
 
 class RateLimiter(RayServeLLMCallback):
@@ -104,19 +186,34 @@ class RateLimiter(RayServeLLMCallback):
             return "*"
         value = kwargs.get("api_key_id") if options.key == "api_key" else kwargs.get("user")
         if value:
+            known = self._known_keys()
+            if known is not None:
+                # api_key_id is the first 16 hex digits of the token's SHA-256.
+                listed = str(value)[:16].lower() if options.key == "api_key" else str(value)
+                if listed not in known:
+                    return UNLISTED
             return f"{options.key}:{value}"
         return None if options.anonymous == "exempt" else "anonymous"
 
-    def _bucket(self, key: str) -> _Bucket:
-        buckets: OrderedDict[str, _Bucket] = self.process_cache.setdefault(_STATE, OrderedDict())
-        bucket = buckets.get(key)
-        if bucket is None:
-            bucket = buckets[key] = _Bucket()
-            if len(buckets) > self.options.max_keys:
-                buckets.popitem(last=False)
-        else:
-            buckets.move_to_end(key)
-        return bucket
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        options: RateLimiterOptions = self.options
+        known = options.known_keys
+        if known is not None and options.key == "api_key":
+            known = [k[:16].lower() for k in known]  # the request carries 16 hex digits
+        self._known: frozenset[str] | None = None if known is None else frozenset(known)
+
+    def _known_keys(self) -> frozenset[str] | None:
+        return self._known
+
+    def _budgets(self) -> _Budgets:
+        budgets: _Budgets | None = self.process_cache.get(_STATE)
+        if budgets is None:
+            options: RateLimiterOptions = self.options
+            budgets = self.process_cache[_STATE] = _Budgets(
+                options.max_keys, options.max_memory_mib * 1024 * 1024
+            )
+        return budgets
 
     async def on_llm_start(self, prompt: Any, **kwargs: Any) -> None:
         key = self._key(kwargs)
@@ -124,8 +221,8 @@ class RateLimiter(RayServeLLMCallback):
             return
         options: RateLimiterOptions = self.options
         now = self.clock()
-        bucket = self._bucket(key)
-        bucket.expire(now)
+        budgets = self._budgets()
+        bucket = budgets.get(key, now)
         rpm = options.requests_per_minute
         if rpm is not None and len(bucket.requests) >= rpm:
             # The oldest request in the window leaves it first.
@@ -133,7 +230,11 @@ class RateLimiter(RayServeLLMCallback):
         tpm = options.tokens_per_minute
         if tpm is not None and bucket.token_sum >= tpm:
             raise RateLimitExceeded("tokens", tpm, _tokens_free_after(bucket, tpm, now))
-        bucket.requests.append(now)
+        if rpm is not None:  # timestamps are kept only for a request limit
+            bucket.requests.append(now)
+            budgets.added()
+        else:
+            budgets.added(0)
 
     async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
         if self.options.tokens_per_minute is None:
@@ -143,15 +244,19 @@ class RateLimiter(RayServeLLMCallback):
             return
         used = int(kwargs.get("prompt_tokens") or 0) + int(kwargs.get("completion_tokens") or 0)
         if used:
-            bucket = self._bucket(key)
-            bucket.tokens.append((self.clock(), used))
+            now = self.clock()
+            budgets = self._budgets()
+            bucket = budgets.get(key, now)
+            bucket.token_at.append(now)
+            bucket.token_used.append(used)
             bucket.token_sum += used
+            budgets.added()
 
 
 def _tokens_free_after(bucket: _Bucket, limit: int, now: float) -> float:
     """Seconds until enough of the window's tokens expire to be under ``limit`` again."""
     excess = bucket.token_sum - limit + 1
-    for at, used in bucket.tokens:
+    for at, used in zip(bucket.token_at, bucket.token_used, strict=True):
         excess -= used
         if excess <= 0:
             return at + WINDOW_S - now
