@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from ._callers import HookTimeoutError
-from ._validation import CallbackConfigError
-from .base import HookTarget, RayServeLLMCallback
-from .composite import ChildHookError, Composite, CompositeCallback
-from .config import validate_callback_config
-from .telemetry import TelemetrySettings
+# The public names load on first use: ``base`` imports ray.serve.llm (about 2 s), which the
+# vLLM plugin (vllm_plugin/, running in vLLM's own processes) and the catalog users never need.
+_EXPORTS = {
+    "HookTimeoutError": "._callers",
+    "CallbackConfigError": "._validation",
+    "HookTarget": ".base",
+    "RayServeLLMCallback": ".base",
+    "ChildHookError": ".composite",
+    "Composite": ".composite",
+    "CompositeCallback": ".composite",
+    "validate_callback_config": ".config",
+    "TelemetrySettings": ".telemetry",
+}
+
+if TYPE_CHECKING:
+    from ._callers import HookTimeoutError
+    from ._validation import CallbackConfigError
+    from .base import HookTarget, RayServeLLMCallback
+    from .composite import ChildHookError, Composite, CompositeCallback
+    from .config import validate_callback_config
+    from .telemetry import TelemetrySettings
 
 __all__ = [
     "CallbackConfigError",
@@ -23,3 +41,16 @@ __all__ = [
     "__version__",
     "validate_callback_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -149,10 +149,14 @@ def _overview_row() -> Row:
     ))
 
 
+_ENGINE = is_(catalog.L_PHASE, *catalog.ENGINE_PHASES)
+_NOT_ENGINE = isnt(catalog.L_PHASE, *catalog.ENGINE_PHASES)
+
+
 def _startup_row() -> Row:
     by_phase = (catalog.L_PHASE,)
     waterfall = tuple(
-        Query(range_quantile(PHASES, q, by_phase), instant=True, name=name)
+        Query(range_quantile(PHASES, q, by_phase, _NOT_ENGINE), instant=True, name=name)
         for name, q in (("p50", 0.5), ("p95", 0.95), ("max", 1))
     )
     return Row("Replica startup waterfall (Timing)", (
@@ -163,7 +167,7 @@ def _startup_row() -> Row:
               trace_links=True, x_field=catalog.L_PHASE),
         _summary_table("Phase durations by phase, node and outcome (range)",
                        "One row per phase, node (download_task_start) and outcome.", PHASES,
-                       (catalog.L_PHASE, catalog.L_NODE, catalog.L_OUTCOME)),
+                       (catalog.L_PHASE, catalog.L_NODE, catalog.L_OUTCOME), _NOT_ENGINE),
         Panel("Phase p95, replicas alive", "p95 of each phase over the replicas alive at each "
               "moment; a step is a replica (re)starting. Exemplars link to startup traces "
               "where the backend records them.", "timeseries",
@@ -172,6 +176,27 @@ def _startup_row() -> Row:
         Panel("Replicas starting", "Replicas between callback creation and the end of their "
               "startup, by model.", "timeseries",
               (Query(current(STARTING, (catalog.L_MODEL,)), legend((catalog.L_MODEL,))),)),
+    ))
+
+
+def _engine_row() -> Row:
+    by_phase = (catalog.L_PHASE,)
+    inside = tuple(
+        Query(range_quantile(PHASES, q, by_phase, _ENGINE), instant=True, name=name)
+        for name, q in (("p50", 0.5), ("max", 1))
+    )
+    return Row("Where engine start goes (inside vLLM)", (
+        Panel("Engine-start phases (range): p50, max", "The engine_start phase broken down "
+              "inside vLLM's own processes (engine core, each worker) and the replica's side "
+              "of it, from ObservedLLMServer and the vllm.general_plugins entry point. Worker "
+              "phases count once per worker; phases overlap (the engine core waits while the "
+              "workers load), so the exact picture of one start is its trace (panel link).",
+              "barchart", inside, unit="s", width=12, height=9, trace_links=True,
+              x_field=catalog.L_PHASE),
+        _summary_table("Engine-start phases by phase, node and outcome (range)",
+                       "One row per engine-start phase, node and outcome; a failed start "
+                       "shows the phase it failed in with outcome error.", PHASES,
+                       (catalog.L_PHASE, catalog.L_NODE, catalog.L_OUTCOME), _ENGINE),
     ))
 
 
@@ -365,7 +390,7 @@ def _covered(rows: Iterable[Row]) -> set[str]:
 
 def dashboards() -> list[DashboardSpec]:
     """Every dashboard; catalog metrics no curated panel shows get a generic one."""
-    startup_rows: tuple[Row, ...] = (_overview_row(), _startup_row(), _hooks_row(),
+    startup_rows: tuple[Row, ...] = (_overview_row(), _startup_row(), _engine_row(), _hooks_row(),
                                      _placement_row(), _vllm_row(), _serve_row(), _health_row())
     request_rows: tuple[Row, ...] = (_genai_row(), _request_callbacks_row(), _vllm_row(),
                                      _serve_row())

@@ -408,3 +408,66 @@ EVENT_HOOK_ERROR = "llm_callback.hook_error"
 """A request hook failed under the log policy; the request went on."""
 EVENT_STREAM_PROGRESS = "llm_callback.stream_progress"
 """StreamingProgress: progress of one streamed response."""
+
+# --- engine start, inside vLLM (vllm_plugin/: the vllm.general_plugins entry point) ------------
+# Phases of ``engine_start`` recorded in vLLM's own processes (and two on the replica side), as
+# spans under the replica's engine-start span and points of STARTUP_PHASE_DURATION. Which of
+# them a given vLLM gives is pinned by tests/test_engine_phases.py.
+PHASE_ENGINE_CONFIG = "engine_config"
+"""Replica: engine start -> the engine-core process exists (engine args, vLLM config, tokenizer
+and input processor, spawning the engine core)."""
+PHASE_ENGINE_CORE_BOOT = "engine_core_boot"
+"""Engine core: process start -> vLLM's plugins load (interpreter, torch and vLLM imports,
+handshake with the replica)."""
+PHASE_ENGINE_WORKERS_START = "engine_workers_start"
+"""Engine core: building the executor (start the worker processes and wait until each has its
+device and weights)."""
+PHASE_ENGINE_KV_CACHE = "engine_kv_cache"
+"""Engine core: KV-cache setup on all workers (memory profiling, allocation, compile and
+warm-up)."""
+PHASE_ENGINE_CORE_SETUP = "engine_core_setup"
+"""Engine core: KV cache set up -> serving loop (scheduler, I/O threads, ready handshake)."""
+PHASE_ENGINE_FRONTEND_READY = "engine_frontend_ready"
+"""Replica: engine core ready -> engine start done (handshake, Ray's OpenAI serving setup)."""
+PHASE_WORKER_BOOT = "worker_boot"
+"""Worker: process start -> vLLM's plugins load (interpreter, torch and vLLM imports)."""
+PHASE_WORKER_INIT = "worker_init"
+"""Worker: vLLM's plugins loaded -> device init begins (importing and building the worker class
+and its model runner)."""
+PHASE_WORKER_DEVICE_INIT = "worker_device_init"
+"""Worker: device and distributed init (``init_device``)."""
+PHASE_WORKER_WEIGHTS_LOAD = "worker_weights_load"
+"""Worker: building the model and loading its weights (``load_model``); size in bytes."""
+PHASE_WORKER_KV_PROFILE = "worker_kv_cache_profile"
+"""Worker: profiling memory for the KV cache (``determine_available_memory``)."""
+PHASE_WORKER_KV_ALLOCATE = "worker_kv_cache_allocate"
+"""Worker: allocating the KV cache (``initialize_from_config``)."""
+PHASE_WORKER_WARMUP = "worker_compile_warmup"
+"""Worker: torch.compile, CUDA-graph capture and warm-up (``compile_or_warm_up_model``)."""
+PHASE_WORKER_TORCH_COMPILE = "worker_torch_compile"
+"""Worker: torch.compile of the model graph, when it runs (inside a profile or warm-up)."""
+PHASE_WORKER_CUDA_GRAPHS = "worker_cuda_graph_capture"
+"""Worker: CUDA-graph capture, when it runs (inside warm-up)."""
+ENGINE_PHASES = (
+    PHASE_ENGINE_CONFIG, PHASE_ENGINE_CORE_BOOT, PHASE_ENGINE_WORKERS_START,
+    PHASE_ENGINE_KV_CACHE, PHASE_ENGINE_CORE_SETUP, PHASE_ENGINE_FRONTEND_READY,
+    PHASE_WORKER_BOOT, PHASE_WORKER_INIT, PHASE_WORKER_DEVICE_INIT, PHASE_WORKER_WEIGHTS_LOAD,
+    PHASE_WORKER_KV_PROFILE, PHASE_WORKER_KV_ALLOCATE, PHASE_WORKER_WARMUP,
+    PHASE_WORKER_TORCH_COMPILE, PHASE_WORKER_CUDA_GRAPHS,
+)
+
+ROLE_REPLICA = "replica"
+ROLE_ENGINE_CORE = "engine_core"
+ROLE_WORKER = "worker"
+ENGINE_ROLES = (ROLE_REPLICA, ROLE_ENGINE_CORE, ROLE_WORKER)
+
+A_ENGINE_ROLE = "llm_callback.engine.role"
+"""Which process recorded an engine phase: ``replica``, ``engine_core`` or ``worker``."""
+A_ENGINE_RANK = "llm_callback.engine.rank"
+"""Global rank of the worker that recorded an engine phase."""
+A_WEIGHTS_BYTES = "llm_callback.engine.weights_bytes"
+"""Bytes of model weights a worker loaded (its shard), on ``worker_weights_load``."""
+A_FAILED_PHASE = "llm_callback.engine.failed_phase"
+"""The engine phase that failed, on a failed engine-start span."""
+A_PHASE_COVERAGE = "llm_callback.engine.phase_coverage"
+"""Share of the engine-start span the phase spans explain (union of their intervals), 0..1."""

@@ -527,3 +527,104 @@ def test_genai_metrics_after_a_real_scrape(dep: Deployment):
         if "gen_ai" in name or "llm_callback" in name:
             for labels, _ in samples:
                 assert not ids & set(labels.values()), (name, labels)
+
+
+# --- engine start, inside vLLM's processes (the vllm.general_plugins entry point) --------------
+
+# What vLLM 0.29's CPU build gives with enforce_eager (no torch.compile, no CUDA graphs).
+ENGINE_PHASES_VLLM_0_29_CPU = {
+    catalog.ROLE_REPLICA: {catalog.PHASE_ENGINE_CONFIG, catalog.PHASE_ENGINE_FRONTEND_READY},
+    catalog.ROLE_ENGINE_CORE: {
+        catalog.PHASE_ENGINE_CORE_BOOT, catalog.PHASE_ENGINE_WORKERS_START,
+        catalog.PHASE_ENGINE_KV_CACHE, catalog.PHASE_ENGINE_CORE_SETUP,
+    },
+    catalog.ROLE_WORKER: {
+        catalog.PHASE_WORKER_BOOT, catalog.PHASE_WORKER_INIT, catalog.PHASE_WORKER_DEVICE_INIT,
+        catalog.PHASE_WORKER_WEIGHTS_LOAD, catalog.PHASE_WORKER_KV_PROFILE,
+        catalog.PHASE_WORKER_KV_ALLOCATE, catalog.PHASE_WORKER_WARMUP,
+    },
+}
+
+
+def _engine_phase_spans(dep: Deployment) -> tuple[ReceivedSpan, list[ReceivedSpan]]:
+    engine = _spans_named(dep, catalog.SPAN_ENGINE_START)[0]
+    want = sum(len(v) for v in ENGINE_PHASES_VLLM_0_29_CPU.values())
+
+    def arrived(spans: list[ReceivedSpan]) -> bool:
+        return sum(
+            1 for s in spans
+            if s.parent_span_id == engine.span_id and catalog.A_ENGINE_ROLE in s.attributes
+        ) >= want
+
+    spans = dep.rx.wait_for_spans(arrived, 20)
+    phases = [
+        s for s in spans
+        if s.parent_span_id == engine.span_id and catalog.A_ENGINE_ROLE in s.attributes
+    ]
+    return engine, phases
+
+
+def test_engine_phases_from_vllm_processes_join_the_startup_trace(dep: Deployment):
+    engine, phases = _engine_phase_spans(dep)
+    replica = [s for s in phases if s.attributes[catalog.A_ENGINE_ROLE] == catalog.ROLE_REPLICA]
+    replica_pid = replica[0].attributes[catalog.A_PID]
+    node = replica[0].attributes[catalog.A_NODE_ID]
+    assert node and replica_pid == dep.records("on_before_engine_start")[0]["pid"]
+    by_role: dict[str, set[str]] = {}
+    for s in phases:
+        assert s.trace_id == engine.trace_id
+        assert s.name == catalog.SPAN_PHASE_PREFIX + s.attributes[catalog.A_PHASE]
+        assert s.status_code != "STATUS_CODE_ERROR", s
+        assert s.attributes[catalog.A_NODE_ID] == node
+        by_role.setdefault(s.attributes[catalog.A_ENGINE_ROLE], set()).add(
+            s.attributes[catalog.A_PHASE]
+        )
+    # The phases vLLM 0.29 gives, each once (one engine core, one worker of rank 0).
+    assert by_role == ENGINE_PHASES_VLLM_0_29_CPU
+    assert len(phases) == sum(len(v) for v in ENGINE_PHASES_VLLM_0_29_CPU.values())
+    vllm_pids = {
+        s.resource_attributes["process.pid"] for s in phases
+        if s.attributes[catalog.A_ENGINE_ROLE] != catalog.ROLE_REPLICA
+    }
+    assert len(vllm_pids) >= 2 and replica_pid not in vllm_pids  # engine core + worker
+    for s in phases:  # each vLLM process exported its own spans
+        if s.attributes[catalog.A_ENGINE_ROLE] != catalog.ROLE_REPLICA:
+            assert s.attributes[catalog.A_PID] == s.resource_attributes["process.pid"]
+    workers = [s for s in phases if s.attributes[catalog.A_ENGINE_ROLE] == catalog.ROLE_WORKER]
+    assert {s.attributes[catalog.A_ENGINE_RANK] for s in workers} == {0}
+    (weights,) = [s for s in workers
+                  if s.attributes[catalog.A_PHASE] == catalog.PHASE_WORKER_WEIGHTS_LOAD]
+    assert weights.attributes[catalog.A_WEIGHTS_BYTES] > 100_000  # ~146k float32 parameters
+
+
+def test_engine_phases_explain_the_engine_start(dep: Deployment):
+    from llm_otel_callbacks.vllm_plugin._replica import Interval, coverage
+
+    engine, phases = _engine_phase_spans(dep)
+    share = coverage(
+        [Interval(s.name, s.start_time_unix_nano, s.end_time_unix_nano) for s in phases],
+        engine.start_time_unix_nano, engine.end_time_unix_nano,
+    )
+    print(f"\nengine start {engine.duration_s:.1f}s; the phases explain {share:.1%} of it")
+    for s in sorted(phases, key=lambda s: s.start_time_unix_nano):
+        print(f"  {s.attributes[catalog.A_ENGINE_ROLE]:12s} {s.attributes[catalog.A_PHASE]:28s}"
+              f" +{(s.start_time_unix_nano - engine.start_time_unix_nano) / 1e9:6.2f}s"
+              f" {s.duration_s:6.2f}s")
+    assert share >= 0.80
+    # The replica computed the same figure and put it on its engine-start span.
+    assert engine.attributes[catalog.A_PHASE_COVERAGE] == pytest.approx(share, abs=0.002)
+
+
+def test_engine_phases_in_the_startup_phase_metric_after_a_real_scrape(dep: Deployment):
+    want = set().union(*ENGINE_PHASES_VLLM_0_29_CPU.values())
+    name = "ray_llm_callback_startup_phase_duration_seconds_count"
+
+    def settled(samples: list[tuple[dict[str, str], float]]) -> bool:
+        return want <= {lab.get("phase") for lab, _ in samples}
+
+    wait_for_metric(dep.ray.metrics_url, name, settled, timeout=60)
+    samples = scrape(dep.ray.metrics_url)[name]
+    for phase in want:  # one point each: one engine core, one worker
+        assert _total(samples, phase=phase, outcome="ok") == 1, phase
+        (node,) = {lab["node"] for lab, _ in samples if lab.get("phase") == phase}
+        assert node  # the replica's node, as for the other phases

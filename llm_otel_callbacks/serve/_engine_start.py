@@ -24,6 +24,7 @@ from .. import catalog
 from ..base import RayServeLLMCallback
 from ..builtin.timing import Timing
 from ..telemetry.providers import Telemetry
+from ..vllm_plugin._replica import EnginePhases
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class EngineStart:
         self.span: Span | None = None
         self.started_ns: int | None = None
         self.ended = False
+        #: The phases inside vLLM's processes (None until the span opens, or when off).
+        self.phases: EnginePhases | None = None
 
     def arm(self) -> bool:
         """Hook the phase onto node init's end; False when that is not possible."""
@@ -72,6 +75,8 @@ class EngineStart:
             start_time=self.started_ns,
             attributes={catalog.A_MODEL: self.model, catalog.A_PHASE: catalog.PHASE_ENGINE_START},
         )
+        # Before Ray builds vLLM: its processes inherit the request for their phases.
+        self.phases = EnginePhases.open(self.model, self.tel, self.span, self.started_ns)
         if dispatches(self.callback, BEFORE):
             await self.callback.run_callback(BEFORE)  # raises under the raise policy
 
@@ -101,11 +106,18 @@ class EngineStart:
         outcome = catalog.OUTCOME_OK if error is None else catalog.OUTCOME_ERROR
         try:
             span = self.span
+            failed_phase = None
+            if self.phases is not None:
+                self.phases.close(end_ns, error)
+                failed_phase = self.phases.failed_phase
             if span is not None:
                 span.set_attribute(catalog.A_OUTCOME, outcome)
                 if error is not None:
+                    where = f" (in phase {failed_phase})" if failed_phase else ""
                     span.set_attribute("error.type", type(error).__qualname__)
-                    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                    span.set_status(
+                        Status(StatusCode.ERROR, f"{type(error).__name__}{where}: {error}")
+                    )
                 span.end(end_time=end_ns)
             if not self._timing_records_it():
                 seconds = (end_ns - (self.started_ns or end_ns)) / 1e9
