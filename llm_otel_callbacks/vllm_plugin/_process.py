@@ -191,7 +191,22 @@ def _role_of(caller: FrameType | None) -> tuple[str | None, int | None, dict[str
 
 
 def process_start_ns(fallback: int) -> int:
-    """When this process started (its creation time), in ``time.time_ns()`` terms."""
+    """When this process started, in ``time.time_ns()`` terms.
+
+    From the kernel's start time in clock ticks since boot and ``/proc/uptime`` (10 ms), not
+    psutil's ``create_time()``, which adds the boot time rounded to whole seconds and so can
+    put a process's start up to a second before its parent's request for it.
+    """
+    try:
+        now = time.time_ns()
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as fh:
+            uptime_s = float(fh.read().split()[0])
+        started_s = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat
+        return now - int((uptime_s - started_s) * 1e9)
+    except Exception:
+        pass
     try:
         import psutil
 
