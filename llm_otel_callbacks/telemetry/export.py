@@ -67,6 +67,28 @@ class OneShotSession(requests.Session):
         self.deadline: float | None = None
         self._last_error: ExportAttemptFailed | None = None
 
+    def bind(self, url: str, ca_file: str | None = None, client_cert: str | None = None,
+             client_key: str | None = None) -> None:
+        """Resolve once what ``requests`` would look up on every POST to ``url``.
+
+        With ``trust_env`` on, each request reads ``.netrc``, the proxy variables and
+        ``no_proxy`` (a measurable share of a small export); their values are taken here and
+        ``trust_env`` is turned off. ``ca_file``/``client_cert``/``client_key``: TLS files
+        (the ``OTEL_EXPORTER_OTLP_*CERTIFICATE``/``*CLIENT_KEY`` variables)."""
+        from requests.utils import get_environ_proxies, get_netrc_auth
+
+        self.proxies.update(get_environ_proxies(url))
+        auth = get_netrc_auth(url)
+        if auth:
+            self.auth = auth
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        verify = ca_file or bundle
+        if verify:
+            self.verify = verify
+        if client_cert:
+            self.cert = (client_cert, client_key) if client_key else client_cert
+        self.trust_env = False
+
     def release(self) -> None:
         """Drop the traceback of the last failure.
 

@@ -77,6 +77,16 @@ _CREDENTIAL_PROVIDER_VARIABLES = (
 )
 
 
+def _grpc_no_retry() -> Any:
+    """``retryable_error_codes`` for the SDK's gRPC exporters: none, so each export is one
+    attempt (the SDK otherwise sleeps 1, 2, 4 ... s between attempts on its export thread, up
+    to its timeout); our guard backs off and counts drops instead, as for OTLP/HTTP. OK is
+    never an error code, so no error is retried."""
+    from grpc import StatusCode
+
+    return frozenset({StatusCode.OK})
+
+
 def span_exporters(
     settings: TelemetrySettings, on_drop: Any, sessions: list[Any]
 ) -> list[Any]:
@@ -95,19 +105,26 @@ def span_exporters(
                 headers=_headers(settings) or None,
                 timeout=settings.export_timeout_s,
                 insecure=settings.endpoint.startswith("http://"),
+                retryable_error_codes=_grpc_no_retry(),
             )
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                OTLPSpanExporter as HttpSpanExporter,
-            )
-
+            url = _signal_url(settings.endpoint, "/v1/traces")
             session = _http_session(settings, sessions)
-            inner = HttpSpanExporter(
-                endpoint=_signal_url(settings.endpoint, "/v1/traces"),
-                headers=_headers(settings) or None,
-                timeout=settings.export_timeout_s,
-                session=session,
-            )
+            if session is not None:
+                from .otlp_http import LeanOtlpHttpSpanExporter
+
+                inner = LeanOtlpHttpSpanExporter(
+                    url, _headers(settings), settings.export_timeout_s, session)
+            else:  # a credential-provider session: the SDK's exporter loads and uses it
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                    OTLPSpanExporter as HttpSpanExporter,
+                )
+
+                inner = HttpSpanExporter(
+                    endpoint=url,
+                    headers=_headers(settings) or None,
+                    timeout=settings.export_timeout_s,
+                )
         exporters.append(GuardedSpanExporter(inner, on_drop, session=session))
     if settings.traces_file:
         exporters.append(GuardedSpanExporter(OtlpJsonFileSpanExporter(settings.traces_file)))
@@ -126,14 +143,19 @@ def metric_exporter(settings: TelemetrySettings, sessions: list[Any]) -> Any:
             headers=_headers(settings) or None,
             timeout=settings.export_timeout_s,
             insecure=endpoint.startswith("http://"),
+            retryable_error_codes=_grpc_no_retry(),
         )
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
         OTLPMetricExporter as HttpMetricExporter,
     )
 
+    url = _signal_url(endpoint, "/v1/metrics")
+    session = _http_session(settings, sessions)
+    if session is not None:
+        session.bind(url)  # proxies and .netrc once, not per POST
     return HttpMetricExporter(
-        endpoint=_signal_url(endpoint, "/v1/metrics"),
+        endpoint=url,
         headers=_headers(settings) or None,
         timeout=settings.export_timeout_s,
-        session=_http_session(settings, sessions),
+        session=session,
     )
