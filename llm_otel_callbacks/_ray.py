@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-try:  # newer Ray: the public module
-    from ray.serve.llm.callbacks import (  # type: ignore[import-not-found,unused-ignore]
-        CallbackBase,
-        CallbackConfig,
-        CallbackCtx,
-    )
-except ImportError:  # Ray 2.60
-    from ray.llm._internal.common.callbacks.base import (
-        CallbackBase,
-        CallbackConfig,
-        CallbackCtx,
-    )
+# The internal module first: trying ``ray.serve.llm.callbacks`` first imports the
+# ``ray.serve.llm`` package, which imports vLLM (~10 s of a replica's start, measured by
+# benchmarks/startup_overhead.py), even where that submodule does not exist (Ray 2.60).
+try:  # Ray 2.60
+    from ray.llm._internal.common.callbacks import base as _api
+except ImportError:  # newer Ray: the public module
+    from ray.serve.llm import callbacks as _api  # type: ignore[attr-defined,no-redef,unused-ignore]
+
+# Typed loosely, as the public module was: Ray's hook stubs are declared async, ours may be
+# sync (Ray runs both).
+CallbackBase: Any = _api.CallbackBase
+CallbackConfig: Any = _api.CallbackConfig
+CallbackCtx: Any = _api.CallbackCtx
 
 __all__ = [
     "CallbackBase",
