@@ -178,9 +178,13 @@ class RequestHooks:
 
         Raises :class:`RequestRejected` (from ``on_llm_start``) and :class:`ChildHookError`
         (a target with the raise policy failed); everything else is recorded and swallowed.
+        ``on_llm_end`` and ``on_llm_error`` are where targets clean up, so every target gets
+        them even when one raises; the first error is raised after the last target ran.
         Successful calls are counted in the metric, or, when ``ok_counts`` is given (one slot
         per target, for stream chunks), there, to be counted at once with :meth:`count`.
         """
+        finish_all = hook in (ON_END, ON_ERROR)
+        first_error: ChildHookError | None = None
         for i, b in enumerate(bound):
             try:
                 if b.timeout_s is None:
@@ -198,12 +202,19 @@ class RequestHooks:
             except Exception as exc:
                 self._failed(hook, b, exc, span)
                 if b.raise_error:
-                    raise ChildHookError(b.name, hook, exc) from exc
+                    error = ChildHookError(b.name, hook, exc)
+                    error.__cause__ = exc
+                    if not finish_all:
+                        raise error from exc
+                    if first_error is None:
+                        first_error = error
             else:
                 if ok_counts is None:
                     self._calls.add((self._model, hook, b.name, catalog.OUTCOME_OK))
                 else:
                     ok_counts[i] += 1
+        if first_error is not None:
+            raise first_error
 
     def count(self, hook: str, name: str, calls: int) -> None:
         """Count ``calls`` successful calls at once (stream-chunk hooks, once per stream)."""

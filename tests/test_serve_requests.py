@@ -680,3 +680,38 @@ def test_engine_start_follows_node_init_and_closes_the_startup_trace(tmp_path: A
     assert int(startup["endTimeUnixNano"]) >= int(engine["endTimeUnixNano"])
     assert catalog.SPAN_HOOK_PREFIX + "on_after_engine_start" in by_name
     reset_telemetry()
+
+
+# --- a failing hook does not stop the cleanup of later children ------------------------------
+
+
+class EndsBadly(RayServeLLMCallback):
+    """Raise policy; its end and error hooks both raise."""
+
+    async def on_llm_end(self, response: Any, **kw: Any) -> None:
+        raise RuntimeError("end hook failed")
+
+    async def on_llm_error(self, error: Any, **kw: Any) -> None:
+        raise RuntimeError("error hook failed")
+
+
+def test_every_child_gets_its_end_or_error_hook_after_one_raises(tel: Telemetry, models: Any):
+    """Ahead of StreamingProgress, a child whose end/error hooks raise used to stop the rest:
+    after 5 failed streams StreamingProgress held 5 open entries (streams_active read 5)."""
+    observer = make_observer(
+        tel, [child(EndsBadly, "bad"), child(StreamingProgress, "progress"),
+              child(Recorder, "rec")], models,
+    )
+    progress, rec = instance(observer, "progress"), instance(observer, "rec")
+    for _ in range(5):  # the engine fails mid-stream: on_llm_error for every child
+        with pytest.raises(RuntimeError, match="engine died"):
+            run(collect(observer.observe("chat", Engine(fail_at=2).chat,
+                                         chat_request(models, stream=True), None)))
+    for _ in range(3):  # the stream succeeds, the first child's on_llm_end raises
+        run(collect(observer.observe("chat", Engine().chat,
+                                     chat_request(models, stream=True), None)))
+    from llm_otel_callbacks.builtin.progress import _STREAMS
+
+    assert progress.process_cache[_STREAMS] == {}  # it saw the streams, and closed them all
+    kinds = [c[0] for c in rec.calls]
+    assert kinds.count("error") == 5 + 3 and kinds.count("end") == 3, kinds
