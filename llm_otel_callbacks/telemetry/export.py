@@ -366,13 +366,18 @@ class OtlpJsonFileSpanExporter(SpanExporter):
     The format is the OTLP/JSON mapping (ids in hex), which the OpenTelemetry Collector's
     ``otlpjsonfile`` receiver reads back, so a run without a collector can still be loaded
     into one later. Safe for several processes appending to one file (one write per batch).
+
+    The file is created 0600 (its folder 0700), never opened through a symlink
+    (``O_NOFOLLOW``), and not written past ``max_bytes``: a batch that would pass the cap
+    fails, so it is dropped and counted, and the file is never rotated or truncated.
     """
 
-    def __init__(self, path: str) -> None:
-        self._path = path
+    def __init__(self, path: str, max_bytes: int | None = None) -> None:
+        self._path = os.path.abspath(path)
+        self._max_bytes = max_bytes
         self._lock = threading.Lock()
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        self._full_logged = False
+        os.makedirs(os.path.dirname(self._path), mode=0o700, exist_ok=True)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         from google.protobuf.json_format import MessageToDict
@@ -380,12 +385,23 @@ class OtlpJsonFileSpanExporter(SpanExporter):
 
         message = MessageToDict(encode_spans(spans))
         _hex_ids(message)
-        line = json.dumps(message, separators=(",", ":")) + "\n"
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode("utf-8")
         with self._lock:
-            # O_APPEND keeps lines from different processes whole.
-            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            # O_APPEND keeps lines from different processes whole; O_NOFOLLOW refuses a
+            # symlink planted where the file goes (the open fails: the batch is counted).
+            fd = os.open(self._path,
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
             try:
-                os.write(fd, line.encode("utf-8"))
+                if self._max_bytes is not None and \
+                        os.fstat(fd).st_size + len(data) > self._max_bytes:
+                    if not self._full_logged:
+                        self._full_logged = True
+                        logger.warning("traces_file %s reached its size cap (%d bytes): "
+                                       "further spans are dropped and counted", self._path,
+                                       self._max_bytes)
+                    return SpanExportResult.FAILURE
+                os.write(fd, data)
             finally:
                 os.close(fd)
         return SpanExportResult.SUCCESS

@@ -127,7 +127,9 @@ def span_exporters(
                 )
         exporters.append(GuardedSpanExporter(inner, on_drop, session=session))
     if settings.traces_file:
-        exporters.append(GuardedSpanExporter(OtlpJsonFileSpanExporter(settings.traces_file)))
+        file_exporter = OtlpJsonFileSpanExporter(
+            settings.traces_file, max_bytes=int(settings.traces_file_max_mib * 1024 * 1024))
+        exporters.append(GuardedSpanExporter(file_exporter, on_drop))
     return exporters
 
 

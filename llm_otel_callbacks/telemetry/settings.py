@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -56,7 +56,12 @@ class TelemetrySettings(BaseModel):
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     """OTLP headers; kept as secrets so they never show in a repr or a log."""
     traces_file: str | None = None
-    """Embedded sink: write spans as OTLP/JSON lines to this file (no collector needed)."""
+    """Embedded sink: write spans as OTLP/JSON lines to this file (no collector needed).
+    Resolved to an absolute path when configured (not against a worker's current folder);
+    created 0600, never through a symlink."""
+    traces_file_max_mib: Number = Field(default=256.0, gt=0, le=1024 * 1024, allow_inf_nan=False)
+    """Size cap of ``traces_file``: once a batch would pass it, spans are dropped and counted
+    (``reason="export_failed"``), not written; nothing is rotated or deleted."""
     sampler: SamplerName = "parentbased_always_on"
     sampler_arg: Number | None = Field(default=None, ge=0, le=1)
     """Probability for the ``traceidratio`` samplers, in [0, 1]."""
@@ -81,6 +86,32 @@ class TelemetrySettings(BaseModel):
     """Make the provider we build the process-wide one (off: never take the slot from others)."""
     record_exception_messages: bool = True
     """Put exception messages on spans; turn off when hooks may raise with secrets in them."""
+
+    @field_validator("endpoint", "metrics_endpoint")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # A URL's user:password would show in every repr, dump and log line of the settings;
+        # the message never quotes the URL.
+        if value is not None:
+            try:
+                parts = urlsplit(value)
+            except ValueError:
+                raise ValueError("is not a URL") from None
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(
+                    "credentials in the URL (user:password@) are refused: they would show in "
+                    "logs; put them in 'headers' (OTEL_EXPORTER_OTLP_HEADERS), kept secret"
+                )
+        return value
+
+    @field_validator("traces_file")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must be a file path")
+        return os.path.abspath(os.path.expanduser(value))
 
     @field_validator("headers", mode="before")
     @classmethod
