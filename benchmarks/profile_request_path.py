@@ -114,7 +114,9 @@ def main() -> None:
 
     import psutil
 
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    from llm_otel_callbacks.demo.serve_app import CPU_ENGINE_ENV
+
+    env = dict(CPU_ENGINE_ENV)
     receiver = ro._Receiver()
     try:
         with tempfile.TemporaryDirectory(prefix="profile-") as tmp, \

@@ -487,70 +487,28 @@ class _Receiver:
         return counts
 
 
-def _deploy(model_dir: Path, endpoint: str, env: dict[str, str]) -> None:
-    from ray import serve
-    from ray.serve.llm import LLMConfig, build_openai_app
-
-    config = LLMConfig(
-        model_loading_config={"model_id": MODEL, "model_source": str(model_dir)},
-        placement_group_config={"bundles": [{"CPU": 1}]},
-        engine_kwargs={"max_model_len": 256, "max_num_seqs": 4, "max_num_batched_tokens": 256,
-                       "enforce_eager": True, "dtype": "float32"},
-        deployment_config={"num_replicas": 1},
-        experimental_configs={"num_ingress_replicas": 1},
-        runtime_env={"env_vars": dict(env)},
-        server_cls=SERVER_CLS,
-        callback_config={
-            "callback_class": "llm_otel_callbacks.Composite",
-            "callback_kwargs": {"callbacks": ["llm_otel_callbacks.builtin.Timing"],
-                                "telemetry": {"endpoint": endpoint}},
-        },
-    )
-    serve.run(build_openai_app({"llm_configs": [config]}), blocking=False, name="bench",
-              route_prefix="/")
-
-
-def _wait_ready(base: str, timeout: float = 900) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-            "temperature": 0}
-    while time.monotonic() < deadline:
-        try:
-            if httpx.post(base + "/v1/chat/completions", json=body, timeout=30).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{base} not ready")
-
-
 @contextlib.contextmanager
 def same_engine_app(
     folder: Path, endpoint: str, env: dict[str, str]
 ) -> Iterator[tuple[str, float]]:
-    """A local Ray with Serve on 127.0.0.1 and the same-engine app deployed and answering;
-    yields (base URL, seconds from deploy to ready). Everything is torn down on exit."""
-    from ray import serve
-
-    from llm_otel_callbacks.demo.ports import free_port
-    from tests._support.ray_env import start_local_ray
-    from tests._support.tiny_model import make_tiny_model
+    """A local Ray with Serve on 127.0.0.1 and the same-engine app deployed and answering a
+    chat request; yields (base URL, seconds from deploy to ready). Everything is torn down on
+    exit. The demo's toolkit does it all; the replica imports ``benchmarks.*`` from the repo."""
+    from llm_otel_callbacks.demo.serve_app import deployed
+    from llm_otel_callbacks.demo.tiny_model import make_tiny_model
 
     model_dir = make_tiny_model(folder / "model")
-    run = start_local_ray(folder / "ray", num_cpus=4, env=env)
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        root = f"http://127.0.0.1:{port}"
-        started = time.perf_counter()
-        _deploy(model_dir, endpoint, env)
-        _wait_ready(root)
-        yield root, time.perf_counter() - started
-    finally:
-        serve.shutdown()
-        run.shutdown()
+    callback_config = {
+        "callback_class": "llm_otel_callbacks.Composite",
+        "callback_kwargs": {"callbacks": ["llm_otel_callbacks.builtin.Timing"],
+                            "telemetry": {"endpoint": endpoint}},
+    }
+    pythonpath = os.pathsep.join(dict.fromkeys(
+        [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]))
+    with deployed(folder, model_dir, callback_config, env={**env, "PYTHONPATH": pythonpath},
+                  app_name="bench", chat_ready=True, ready_timeout_s=900, model_id=MODEL,
+                  server_cls=SERVER_CLS) as app:
+        yield app.base_url, app.ready_s
 
 
 def _token_totals() -> dict[str, Any]:
@@ -570,7 +528,9 @@ def serve_bench(concurrency: int, seconds: float, cycles: int, warmup: int,
                 engine_env: dict[str, str] | None = None) -> dict[str, Any]:
     """One replica, one engine, three request paths (see same_engine_server.py), loaded over
     HTTP (Serve proxy, Ray's OpenAI ingress, the replica) in interleaved blocks."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    from llm_otel_callbacks.demo.serve_app import CPU_ENGINE_ENV
+
+    env = dict(CPU_ENGINE_ENV)
     if engine_threads:
         env["OMP_NUM_THREADS"] = str(engine_threads)
     env.update(engine_env or {})

@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from llm_otel_callbacks.demo.serve_app import CPU_ENGINE_ENV  # noqa: E402
 from tests._support.otlp_receiver import OtlpHttpReceiver  # noqa: E402
 from tests._support.ray_env import (  # noqa: E402
     LocalCluster,
@@ -33,7 +34,7 @@ from tests._support.tiny_model import make_tiny_model  # noqa: E402
 
 # Env for vLLM's CPU engine (see the shared notes); tests pass it to start_local_ray
 # or an LLMConfig runtime_env when they boot a real engine.
-VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+VLLM_CPU_ENV = CPU_ENGINE_ENV
 
 
 def _ensure_ray_down() -> None:

@@ -173,7 +173,8 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     # Nothing left behind: processes, Ray's session, its token.
     assert "nothing left running" in out
     assert _marked_pids() == []
-    assert not (folder / "ray").exists() and not (folder / "ray").is_symlink()
+    for leftover in ("ray", "ray-temp"):
+        assert not (folder / leftover).exists() and not (folder / leftover).is_symlink()
     assert not (folder / "auth_token").exists()
     assert set(Path("/tmp").glob("llmotel-*")) == short_dirs_before
     assert _home_token_state() == token_before

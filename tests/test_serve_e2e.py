@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from llm_otel_callbacks import RayServeLLMCallback, catalog
+from llm_otel_callbacks.demo.serve_app import tiny_llm_config, wait_ready
 from tests._support.otlp_receiver import OtlpHttpReceiver, ReceivedSpan
 from tests._support.ray_env import LocalRay, free_port, scrape, start_local_ray, wait_for_metric
 
@@ -155,7 +156,7 @@ def _wait_records(dep: Deployment, hook: str, request_id: str, timeout: float = 
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Deployment]:
     from ray import serve
-    from ray.serve.llm import LLMConfig, build_openai_app
+    from ray.serve.llm import build_openai_app
 
     from tests.conftest import VLLM_CPU_ENV, _ensure_ray_down
 
@@ -205,16 +206,10 @@ def dep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
                 {"name": "flaky", "callback_class": f"{_HERE}.FlakyEnd",
                  "raise_error_on_callback": False},
             ]
-            llm_config = LLMConfig(
-                model_loading_config={"model_id": MODEL, "model_source": str(tiny_model_dir)},
-                placement_group_config={"bundles": [{"CPU": 1}]},
-                engine_kwargs={
-                    "max_model_len": 256, "max_num_seqs": 4, "max_num_batched_tokens": 256,
-                    "enforce_eager": True, "dtype": "float32",
-                },
-                deployment_config={"num_replicas": 1},
-                experimental_configs={"num_ingress_replicas": 1},
-                runtime_env={"env_vars": dict(env)},
+            llm_config = tiny_llm_config(
+                tiny_model_dir,
+                model_id=MODEL,
+                env=env,
                 server_cls="llm_otel_callbacks.serve.ObservedLLMServer",
                 callback_config={
                     "callback_class": "llm_otel_callbacks.Composite",
@@ -231,30 +226,13 @@ def dep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
                 },
             })
             serve.run(app, blocking=False)
-            _wait_ready(f"http://127.0.0.1:{port}")
+            wait_ready(f"http://127.0.0.1:{port}", 300)
             yield Deployment(run, rx, f"http://127.0.0.1:{port}", record)
         finally:
             try:
                 serve.shutdown()
             finally:
                 run.shutdown()
-
-
-def _wait_ready(base: str, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            resp = httpx.get(base + "/v1/models", timeout=5)
-            if resp.status_code == 200 and resp.json().get("data"):
-                return
-            last = resp.status_code
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(1)
-    raise TimeoutError(f"deployment not ready after {timeout}s: {last!r}")
 
 
 def _user() -> str:

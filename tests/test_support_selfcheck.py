@@ -170,10 +170,10 @@ def test_receiver_metrics_and_failures(otlp_receiver: OtlpHttpReceiver) -> None:
 
 
 def test_sandbox_uses_short_dir_for_long_paths(tmp_path: Path) -> None:
-    from tests._support.ray_env import _make_sandbox, _RayRun
+    from llm_otel_callbacks.demo.local_ray import MARKER_VAR, RayRun, make_sandbox
 
     long_root = tmp_path / ("x" * 60)
-    sb = _make_sandbox(long_root, "token", {"FOO": "1"})
+    sb = make_sandbox(long_root, "token", {"FOO": "1"})
     # Long roots would overflow AF_UNIX socket paths: Ray gets a short /tmp dir,
     # linked from the root, and the token stays in the root.
     assert sb.owned_short_dir is not None and len(str(sb.ray_temp)) <= 40
@@ -181,16 +181,18 @@ def test_sandbox_uses_short_dir_for_long_paths(tmp_path: Path) -> None:
     assert sb.env["RAY_TMPDIR"] == str(sb.owned_short_dir)
     assert Path(sb.env["RAY_AUTH_TOKEN_PATH"]).parent == long_root.resolve()
     assert sb.env["FOO"] == "1" and sb.env["RAY_AUTH_MODE"] == "token"
+    assert sb.env[MARKER_VAR] == sb.run_id
+    assert Path(sb.env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o777 == 0o600
     logs = sb.ray_temp / "session_x" / "logs"
     logs.mkdir(parents=True)
     (logs / "raylet.out").write_text("hi")
     (sb.ray_temp / "session_latest").symlink_to(sb.ray_temp / "session_x")
-    _RayRun(sandbox=sb, runtime_env={})._drop_short_dir()
+    RayRun(sandbox=sb, runtime_env={})._drop_files()
     # Teardown keeps the logs under the root and removes the /tmp dir.
     assert (long_root / "ray-logs" / "raylet.out").read_text() == "hi"
     assert not sb.owned_short_dir.exists() and not (long_root / "ray-temp").exists()
-    off = _make_sandbox(tmp_path / "off", "disabled", None)
-    _RayRun(sandbox=off, runtime_env={})._drop_short_dir()
+    off = make_sandbox(tmp_path / "off", "disabled", None)
+    RayRun(sandbox=off, runtime_env={})._drop_files()
     assert "RAY_AUTH_TOKEN_PATH" not in off.env and not (off.root / "auth_token").exists()
 
 

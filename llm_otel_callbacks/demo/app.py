@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
@@ -30,21 +29,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import catalog
-from .._promql import VLLM_SUCCESS
 from .._ray import CallbackConfig
+from . import report
 from .console import Console, Step
 from .local_ray import LocalRay, start_local_ray
 from .ports import free_port
-from .prometheus import INSTALL_HINT, PrometheusServer, find_binary, start_prometheus
-from .waterfall import StartupTrace, phase_table, read_spans, render_waterfall, startup_traces
+from .prometheus import PrometheusServer
+from .serve_app import CPU_ENGINE_ENV, MODEL_ID, tiny_llm_config
+from .waterfall import StartupTrace, read_spans, startup_traces
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL_ID = "tiny"
 APP_NAME = "llm_demo"
 SERVER_CLS = "llm_otel_callbacks.serve.ObservedLLMServer"
 USER_CALLBACK = "user_callback.DiskSpaceCheck"
-# What vLLM's CPU engine needs here (see the project's notes on Serve LLM on a CPU).
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 _QUIET_LOGGERS = ("ray", "ray.serve")
 PROMPTS = (
@@ -138,8 +135,8 @@ def run_demo(
     folder.mkdir(parents=True, exist_ok=True)
     console.say("llm_otel_callbacks demo: a real Ray Serve LLM deployment on this CPU, observed.")
     console.say(f"Everything it writes goes to {folder}.")
-    saved_env = {k: os.environ.get(k) for k in (*ENGINE_ENV, *QUIET_ENV)}
-    for key, value in {**ENGINE_ENV, **QUIET_ENV}.items():
+    saved_env = {k: os.environ.get(k) for k in (*CPU_ENGINE_ENV, *QUIET_ENV)}
+    for key, value in {**CPU_ENGINE_ENV, **QUIET_ENV}.items():
         os.environ.setdefault(key, value)
     # Ray and Serve log every step at INFO; the demo tells its own story.
     quiet = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
@@ -165,7 +162,8 @@ def run_demo(
                 num_cpus=options.num_cpus,
                 env={"PYTHONPATH": _pythonpath(examples)},
                 runtime_env={"env_vars": _worker_env(examples)},
-                system_config={"metrics_report_interval_ms": 1000},
+                clean=True,  # the session and the token go; the model and spans stay
+                log_to_driver=False,
                 logging_level=logging.WARNING,
             )
             step.result = f"metrics on port {ray_run.metrics_port}"
@@ -181,12 +179,13 @@ def run_demo(
         with console.step("Reading the startup trace back from the spans file") as step:
             ctx.startup = _wait_for_startup(spans_path, _expected_phases(observed))
             step.result = f"{len(ctx.startup.spans)} spans in trace {ctx.startup.root.trace_id}"
-        _show_waterfall(console, ctx.startup)
-        _show_spans(console, spans_path)
-        _show_metrics(console, ray_run, ctx)
-        _show_dashboards(console)
+        report.show_waterfall(console, ctx.startup)
+        report.show_spans(console, spans_path)
+        report.show_metrics(console, ray_run.metrics_url, options.requests, observed)
+        report.show_dashboards(console, dashboard_files())
         if options.prometheus:
-            prometheus = _start_prometheus(console, folder, ray_run, options.prometheus_scrape_s)
+            prometheus = report.start_prometheus_for(console, folder, ray_run,
+                                                     options.prometheus_scrape_s)
             ctx.prometheus = prometheus
         if on_ready is not None:
             on_ready(ctx)
@@ -234,7 +233,7 @@ def _pythonpath(examples: Path) -> str:
 
 def _worker_env(examples: Path) -> dict[str, str]:
     """Env vars every Ray worker of the demo gets (the replica and the download tasks)."""
-    env = {"PYTHONPATH": _pythonpath(examples), **ENGINE_ENV, **QUIET_ENV}
+    env = {"PYTHONPATH": _pythonpath(examples), **CPU_ENGINE_ENV, **QUIET_ENV}
     # A configured collector reaches the replica too (OTEL_* is read there).
     env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
     return env
@@ -267,7 +266,6 @@ def _check_engine_importable() -> None:
 def _llm_config(folder: Path, model_dir: Path, examples: Path, observed: bool,
                 extra_callbacks: list[Any]) -> tuple[Any, Path]:
     _check_engine_importable()
-    from ray.serve.llm import LLMConfig
 
     spans_path = folder / "spans.jsonl"
     if spans_path.exists():
@@ -286,21 +284,15 @@ def _llm_config(folder: Path, model_dir: Path, examples: Path, observed: bool,
     extra: dict[str, Any] = {}
     if observed:
         extra["server_cls"] = SERVER_CLS
-    config = LLMConfig(
-        model_loading_config={"model_id": MODEL_ID, "model_source": str(model_dir)},
-        placement_group_config={"bundles": [{"CPU": 1}]},
-        engine_kwargs={
-            "max_model_len": 256, "max_num_seqs": 4, "max_num_batched_tokens": 256,
-            "enforce_eager": True, "dtype": "float32",
-        },
-        deployment_config={"num_replicas": 1},
-        experimental_configs={"num_ingress_replicas": 1},
-        runtime_env={"env_vars": _worker_env(examples)},
-        callback_config=CallbackConfig(
+    config = tiny_llm_config(
+        model_dir,
+        CallbackConfig(
             callback_class="llm_otel_callbacks.Composite",
             callback_kwargs={"callbacks": callbacks, "telemetry": telemetry},
             raise_error_on_callback=True,
         ),
+        _worker_env(examples),
+        model_id=MODEL_ID,
         **extra,
     )
     return config, spans_path
@@ -411,126 +403,8 @@ def _wait_for_startup(spans_path: Path, phases: set[str], timeout_s: float = 30.
     raise DemoError(f"no startup trace in {spans_path} after {timeout_s:.0f}s")
 
 
-# --- what the person came for --------------------------------------------------------------------
-
-
-def _show_waterfall(console: Console, startup: StartupTrace) -> None:
-    console.heading(
-        f"Startup waterfall of the '{startup.model}' replica: {startup.root.seconds:.1f}s "
-        f"(trace {startup.root.trace_id})"
-    )
-    console.say(render_waterfall(startup, width=console.width, unicode=console.unicode))
-    console.say()
-    console.say("Phases (Timing):")
-    for phase, node, seconds, outcome in phase_table(startup):
-        where = f" on node {node}" if node else ""
-        console.say(f"  {phase:<22} {seconds:7.2f}s  {outcome}{where}")
-    outcome = "error" if startup.root.failed else "ok"
-    console.say(f"  {catalog.PHASE_TOTAL:<22} {startup.root.seconds:7.2f}s  {outcome}")
-
-
-def _show_spans(console: Console, spans_path: Path) -> None:
-    spans = read_spans(spans_path)
-    console.heading("Where the spans went")
-    console.say(f"  {spans_path}  ({len(spans)} spans, OTLP/JSON, one export request per line;")
-    console.say("  an OpenTelemetry Collector's otlpjsonfile receiver can load it)")
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT")
-    if endpoint:
-        console.say(f"  and to the collector at {endpoint} (OTEL_EXPORTER_OTLP_ENDPOINT)")
-    else:
-        console.say("  Set OTEL_EXPORTER_OTLP_ENDPOINT=http://<collector>:4318 to send them to "
-                    "a collector as well.")
-
-
-def _show_metrics(console: Console, ray_run: LocalRay, ctx: DemoContext) -> None:
-    console.heading("Metrics")
-    console.say(f"  {ray_run.metrics_url}  (Ray's metrics export port: point Prometheus here)")
-    phase_count = catalog.STARTUP_PHASE_DURATION.exposed_name(ray=True) + "_count"
-    wanted = [phase_count]
-    if ctx.options.requests:  # the engine's and the requests' series, once Ray pushed them
-        wanted.append(VLLM_SUCCESS.family)
-        if ctx.observed_server:
-            wanted.append(catalog.GENAI_REQUEST_DURATION.exposed_name(ray=True) + "_count")
-    families, samples = _scrape(ray_run.metrics_url, wanted)
-    groups = (
-        ("ray_llm_callback_", "this package: startup phases, hooks, download decisions ..."),
-        ("ray_gen_ai_", "this package: GenAI request metrics (ObservedLLMServer)"),
-        ("ray_vllm_", "vLLM's engine, exported by Ray"),
-        ("ray_serve_", "Ray Serve"),
-    )
-    for prefix, what in groups:
-        names = [n for n in families if n.startswith(prefix)]
-        if names:
-            console.say(f"  {prefix + '*':<20} {len(names):3d} metrics  ({what})")
-    for labels, value in samples.get(phase_count, []):
-        console.say(f"    e.g. {phase_count}{{phase=\"{labels.get(catalog.L_PHASE)}\"}} "
-                    f"{value:g}")
-
-
-Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def _scrape(url: str, wanted: list[str], timeout_s: float = 20.0) -> tuple[set[str], Samples]:
-    """Family names and {sample name: [(labels, value)]}, once every ``wanted`` sample shows
-    (or ``timeout_s`` passed): Ray pushes its processes' metrics every second."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    deadline = time.monotonic() + timeout_s
-    families: set[str] = set()
-    samples: Samples = {}
-    while True:
-        with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(
-            url, timeout=5
-        ) as resp:
-            text = resp.read().decode("utf-8")
-            families, samples = set(), {}
-            for family in text_string_to_metric_families(text):
-                families.add(family.name)
-                for sample in family.samples:
-                    samples.setdefault(sample.name, []).append(
-                        (dict(sample.labels), float(sample.value)))
-        if all(name in samples for name in wanted) or time.monotonic() > deadline:
-            return families, samples
-        time.sleep(1.0)
-
-
 def dashboard_files() -> list[Path]:
     return sorted((REPO_ROOT / "dashboards").glob("*.json"))
-
-
-def _show_dashboards(console: Console) -> None:
-    console.heading("Grafana dashboards")
-    files = dashboard_files()
-    for path in files:
-        try:
-            title = json.loads(path.read_text()).get("title", "")
-        except ValueError:
-            title = ""
-        console.say(f"  {path}  {title}")
-    if not files:
-        console.say("  (dashboards/*.json are in the repository)")
-    console.say("  Import: Grafana > Dashboards > New > Import > upload the JSON file, then")
-    console.say("  pick your Prometheus data source (the 'datasource' variable). Prometheus")
-    console.say("  must scrape Ray's metrics export port on every node (above).")
-
-
-def _start_prometheus(console: Console, folder: Path, ray_run: LocalRay,
-                      scrape_s: float) -> PrometheusServer | None:
-    console.heading("Prometheus")
-    if find_binary("prometheus") is None:
-        console.say(f"  prometheus is not installed; {INSTALL_HINT}")
-        return None
-    workdir = folder / "prometheus"
-    shutil.rmtree(workdir, ignore_errors=True)
-    server = start_prometheus([f"127.0.0.1:{ray_run.metrics_port}"], workdir,
-                              scrape_interval_s=scrape_s)
-    console.say(f"  {server.url}  scraping {ray_run.metrics_url} every {scrape_s:g}s")
-    console.say(f"  In Grafana: add a Prometheus data source with URL {server.url}, then import "
-                "the dashboards.")
-    console.say(f"  Try: {server.url}/graph?g0.expr="
-                + catalog.STARTUP_PHASE_DURATION.exposed_name(ray=True) + "_count")
-    return server
 
 
 def _hold(console: Console, options: DemoOptions, prometheus: PrometheusServer | None) -> None:
@@ -549,7 +423,7 @@ def _cleanup(console: Console, ray_run: LocalRay, folder: Path, keep_logs: bool)
             from ray import serve
 
             serve.shutdown()  # type: ignore[no-untyped-call]
-        killed = ray_run.shutdown(keep_logs_in=logs)
+        killed = ray_run.shutdown(keep_logs_in=logs, grace_s=20.0)
         left = ray_run.leftovers()
         step.result = "nothing left running" if not left else f"still running: {left}"
         if killed:

@@ -1,18 +1,21 @@
 """A local Ray whose files all stay in one folder, and that leaves nothing behind.
 
-Left to itself, Ray 2.60 writes sessions under ``/tmp/ray`` and, because token authentication
-is on by default for a new local cluster, a token under the home directory. Here:
+The one local-Ray helper of the demo, the tests and the benchmarks (the tests' multi-node
+variant, ``tests/_support/ray_env.py``, builds on :func:`make_sandbox` and :class:`RayRun`).
+Left to itself, Ray writes sessions under ``/tmp/ray`` and, because token authentication is on
+by default for a new local cluster, a token under the home directory. Here:
 
 * ``RAY_TMPDIR`` and ``ray.init(_temp_dir=...)`` put the session in ``<folder>/ray`` (or, when
-  that path is too long for Ray's unix sockets, in a short folder under ``/tmp`` linked from
-  ``<folder>/ray``);
-* ``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN_PATH=<folder>/auth_token`` keeps the token in
-  the folder (an explicit mode means Ray never writes its default token);
-* a marker variable inherited by every process Ray starts lets :meth:`LocalRay.leftovers` find
+  that path is too long for Ray's unix sockets, in a short ``/tmp/llmotel-*`` folder linked
+  from ``<folder>/ray-temp``);
+* ``RAY_AUTH_MODE`` is always explicit, so Ray never writes its default token; in ``token``
+  mode the token (0600) is ``<folder>/auth_token``, found through ``RAY_AUTH_TOKEN_PATH``;
+* a marker variable inherited by every process Ray starts lets :meth:`RayRun.leftovers` find
   any that outlive ``ray.shutdown()``.
 
 Environment changes are made in ``os.environ`` (Ray's processes inherit them) and undone by
-:meth:`LocalRay.shutdown`, which also removes the session folder.
+:meth:`RayRun.shutdown`. Ray caches the auth mode and token per process, so the cache is
+re-read on start and on shutdown: a later start in the same process works.
 """
 
 from __future__ import annotations
@@ -28,18 +31,23 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from .ports import free_port
 
 MARKER_VAR = "LLM_OTEL_LOCAL_RAY_RUN"
 # AF_UNIX socket paths must stay under 108 bytes; Ray adds about 65 after its temp dir.
 _MAX_TEMP_LEN = 40
+# Ray's emitters push metrics to the node's agent every metrics_report_interval_ms (default
+# 10 s); 1 s makes a metric recorded in a task visible on the export port about 1 s later.
+FAST_METRICS_SYSTEM_CONFIG: dict[str, Any] = {"metrics_report_interval_ms": 1000}
+
+AuthMode = Literal["token", "disabled"]
 
 
-def _refresh_auth_cache() -> None:
-    """Ray caches the auth mode and token per process (C++): re-read them after a change, so
-    a second Ray in the same process (tests) works."""
+def refresh_auth_cache() -> None:
+    """Ray caches the auth mode and token per process (C++): re-read them after a change.
+    Config first, then the token cache: the order Ray's own test utils use."""
     try:
         from ray._raylet import (  # type: ignore[attr-defined]
             AuthenticationTokenLoader,
@@ -51,132 +59,213 @@ def _refresh_auth_cache() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-@dataclass
-class LocalRay:
-    """A running local Ray started by :func:`start_local_ray`; the driver is connected."""
+class EnvPatch:
+    """Set env vars now, put the old values back on ``restore()``."""
 
-    folder: Path
-    temp_root: Path
-    """``RAY_TMPDIR``: Ray's temp dir is ``temp_root / "ray"``."""
-    short_dir: Path | None
-    metrics_port: int
-    run_id: str
-    node_id: str = ""
-    _saved_env: dict[str, str | None] = field(default_factory=dict, repr=False)
-    _up: bool = field(default=True, repr=False)
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+
+    def restore(self) -> None:
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved = {}
+
+
+@dataclass
+class Sandbox:
+    """Where one Ray keeps its files, and the env that points Ray there."""
+
+    root: Path  # the caller's folder: token file, and a link to a short ray dir
+    ray_temp: Path  # Ray's temp dir (sessions, logs, sockets)
+    owned_short_dir: Path | None  # created under /tmp when root is too long; removed at the end
+    env: dict[str, str]
+    run_id: str  # the marker variable's value
+
+
+def make_sandbox(
+    folder: Path, auth: AuthMode = "token", extra_env: Mapping[str, str] | None = None
+) -> Sandbox:
+    """Make the folder (and a short /tmp dir if needed) and the env for a Ray living there."""
+    root = Path(folder).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    base = root
+    owned: Path | None = None
+    if len(str(root / "ray")) > _MAX_TEMP_LEN:
+        owned = Path(tempfile.mkdtemp(prefix="llmotel-", dir="/tmp"))
+        base = owned
+        link = root / "ray-temp"
+        if link.is_symlink() or link.exists():
+            _remove_path(link)
+        link.symlink_to(owned)  # so the logs can be found from the folder
+    run_id = secrets.token_hex(8)
+    env = {
+        "RAY_TMPDIR": str(base),  # Ray's default temp dir for code that ignores _temp_dir
+        "RAY_AUTH_MODE": auth,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        MARKER_VAR: run_id,
+    }
+    if auth == "token":
+        token = root / "auth_token"
+        if not token.exists():
+            token.write_text(secrets.token_hex(16))
+        token.chmod(0o600)
+        env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    env.update(extra_env or {})
+    return Sandbox(root=root, ray_temp=base / "ray", owned_short_dir=owned, env=env,
+                   run_id=run_id)
+
+
+_RunT = TypeVar("_RunT", bound="RayRun")
+
+
+@dataclass
+class RayRun:
+    """A Ray started in a sandbox: its files, env, and an idempotent shutdown.
+
+    ``clean``: shutdown removes Ray's session and the token too (the demo); otherwise the
+    session stays in the folder for debugging (a short /tmp dir's logs are copied to
+    ``<folder>/ray-logs``).
+    """
+
+    sandbox: Sandbox
+    runtime_env: dict[str, Any]  # the job runtime_env given to ray.init
+    _env: EnvPatch | None = field(default=None, repr=False)
+    clean: bool = False
+
+    @property
+    def folder(self) -> Path:
+        return self.sandbox.root
 
     @property
     def temp_dir(self) -> Path:
-        return self.temp_root / "ray"
+        """Ray's temp dir (``session_latest/logs`` lives under it)."""
+        return self.sandbox.ray_temp
 
     @property
     def logs_dir(self) -> Path:
-        return self.temp_dir / "session_latest" / "logs"
+        return self.sandbox.ray_temp / "session_latest" / "logs"
 
     @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+    def running(self) -> bool:
+        return self._env is not None
 
     def leftovers(self) -> list[int]:
         """Pids of live processes started by this Ray (they carry the marker variable)."""
-        return _marked_processes(self.run_id)
+        return _marked_processes(self.sandbox.run_id)
 
-    def shutdown(self, keep_logs_in: Path | None = None, grace_s: float = 20.0) -> list[int]:
-        """Stop Ray, wait for its processes to end (killing stragglers it started), restore
-        the environment, remove the session. Returns the pids that had to be killed."""
-        if not self._up:
+    def _stop_nodes(self) -> None:
+        """Stop processes ``ray.shutdown()`` does not (a cluster's raylets)."""
+
+    def shutdown(self, keep_logs_in: Path | None = None, grace_s: float | None = None) -> list[int]:
+        """Disconnect, stop Ray, restore the env, drop the files. Safe to call twice.
+
+        ``grace_s``: wait that long for Ray's processes to exit, then kill the stragglers it
+        started; returns their pids. ``keep_logs_in``: copy Ray's logs there first.
+        """
+        if self._env is None:
             return []
-        self._up = False
         import ray
 
         killed: list[int] = []
         try:
+            # Driver first: Cluster.remove_node refuses to kill the node the driver is on.
             ray.shutdown()
-            killed = _reap(self.run_id, grace_s)
+            self._stop_nodes()
+            if grace_s is not None:
+                killed = _reap(self.sandbox.run_id, grace_s)
         finally:
-            for key, value in self._saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            self._env.restore()
+            self._env = None
             with contextlib.suppress(Exception):
-                _refresh_auth_cache()
+                refresh_auth_cache()
             if keep_logs_in is not None:
                 with contextlib.suppress(OSError):
                     shutil.copytree(self.logs_dir, keep_logs_in, symlinks=True,
                                     dirs_exist_ok=True)
-            self._remove_session()
+            self._drop_files()
         return killed
 
-    def _remove_session(self) -> None:
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        link = self.folder / "ray"
-        if self.short_dir is not None:
+    def _drop_files(self) -> None:
+        root, short = self.sandbox.root, self.sandbox.owned_short_dir
+        if short is not None:
+            link = root / "ray-temp"
             if link.is_symlink():
                 link.unlink()
-            shutil.rmtree(self.short_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            (self.folder / "auth_token").unlink()
+            if not self.clean:  # keep the logs with the folder (pytest keeps that)
+                with contextlib.suppress(OSError):
+                    shutil.copytree(short / "ray" / "session_latest" / "logs",
+                                    root / "ray-logs", symlinks=True, dirs_exist_ok=True)
+            shutil.rmtree(short, ignore_errors=True)
+        if self.clean:
+            shutil.rmtree(self.sandbox.ray_temp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (root / "auth_token").unlink()
+
+    def __enter__(self: _RunT) -> _RunT:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+@dataclass
+class LocalRay(RayRun):
+    """A single-node Ray started by :func:`start_local_ray`; the driver is connected."""
+
+    address: str = ""  # GCS address
+    node_id: str = ""
+    metrics_port: int = 0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
 def start_local_ray(
     folder: Path,
     *,
     num_cpus: int = 4,
+    metrics_port: int | None = None,
     env: Mapping[str, str] | None = None,
     runtime_env: Mapping[str, Any] | None = None,
     system_config: Mapping[str, Any] | None = None,
-    logging_level: int = logging.INFO,
+    auth: AuthMode = "token",
+    clean: bool = False,
+    **init_kwargs: Any,
 ) -> LocalRay:
     """``ray.init`` a fresh single-node Ray whose session and token live under ``folder``.
 
-    ``env`` is set in this process while Ray runs (Ray's processes inherit it).
+    ``env`` is set in this process while Ray runs (Ray's processes inherit it);
+    ``system_config`` is merged over :data:`FAST_METRICS_SYSTEM_CONFIG`; ``metrics_port`` is
+    Ray's Prometheus export port (a free one if None); ``init_kwargs`` go to ``ray.init``.
     """
     import ray
 
     if ray.is_initialized():
-        raise RuntimeError("Ray is already initialized in this process")
-    folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    short: Path | None = None
-    temp_root = folder
-    if len(str(folder / "ray")) > _MAX_TEMP_LEN:
-        short = Path(tempfile.mkdtemp(prefix="llmotel-", dir="/tmp"))
-        temp_root = short
-        link = folder / "ray"
-        if link.is_symlink() or link.exists():
-            _remove_path(link)
-        link.symlink_to(short / "ray")
-    token = folder / "auth_token"
-    token.write_text(secrets.token_hex(16))
-    token.chmod(0o600)
-    run_id = secrets.token_hex(8)
-    values = {
-        "RAY_TMPDIR": str(temp_root),
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        MARKER_VAR: run_id,
-        **dict(env or {}),
-    }
-    port = free_port()
-    run = LocalRay(folder=folder, temp_root=temp_root, short_dir=short, metrics_port=port,
-                   run_id=run_id, _saved_env={k: os.environ.get(k) for k in values})
-    os.environ.update(values)
+        raise RuntimeError("Ray is already initialized in this process; shut it down first")
+    sandbox = make_sandbox(folder, auth, env)
+    port = metrics_port or free_port()
+    run = LocalRay(sandbox=sandbox, runtime_env=dict(runtime_env or {}),
+                   _env=EnvPatch(sandbox.env), clean=clean)
     try:
-        _refresh_auth_cache()
-        ray.init(
+        refresh_auth_cache()
+        info = ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging_level,
-            _temp_dir=str(temp_root / "ray"),
+            _temp_dir=str(sandbox.ray_temp),
             _metrics_export_port=port,
-            _system_config=dict(system_config or {}),
-            runtime_env=dict(runtime_env or {}),
+            _system_config={**FAST_METRICS_SYSTEM_CONFIG, **(system_config or {})},
+            runtime_env=run.runtime_env,
+            **init_kwargs,
         )
         seed_llm_registries()
+        run.address = str(info.address_info["gcs_address"])  # type: ignore[attr-defined]
         run.node_id = ray.get_runtime_context().get_node_id()
+        run.metrics_port = port
     except BaseException:
         run.shutdown()
         raise
