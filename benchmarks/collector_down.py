@@ -40,13 +40,18 @@ def child(impl: str, mode: str, window_s: float) -> None:
     sys.path.insert(0, str(REPO_ROOT))
     atexit.register(lambda: print(json.dumps({"flushed": time.time()}), flush=True))
     import llm_otel_callbacks  # noqa: F401  (Ray and vLLM: the heavy process of a replica)
+    from llm_otel_callbacks.demo.fault_collector import (
+        FaultCollector,
+        NoopHooks,
+        dropped_spans,
+        time_calls,
+    )
     from llm_otel_callbacks.telemetry import get_telemetry
-    from tests._support.fault_collector import FaultCollector, _NoopHooks, dropped_spans, time_calls
 
     collector = FaultCollector(mode).start()  # left running: the exit meets the fault too
     if impl == "stock":
         _install_stock(collector.endpoint)
-    cb = _NoopHooks(llm_config=None, ctx_kwargs={}, telemetry={
+    cb = NoopHooks(llm_config=None, ctx_kwargs={}, telemetry={
         "endpoint": collector.endpoint, "metrics_backend": "prometheus", "prometheus_port": 0})
     tel = get_telemetry(cb.telemetry_settings)
     calls = int(window_s * 1000 / 1.1)  # ~1 call per ms with the pauses

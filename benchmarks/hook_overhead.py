@@ -203,7 +203,7 @@ def measure_collectors(iterations: int, rounds: int) -> dict[str, Any]:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests._support.fault_collector import FaultCollector
+    from llm_otel_callbacks.demo.fault_collector import FaultCollector
 
     hook = "on_before_node_init"
     per_call: dict[str, list[float]] = {mode: [] for mode in COLLECTOR_MODES}

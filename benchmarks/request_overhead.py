@@ -93,16 +93,13 @@ class _Engine:
         yield "data: [DONE]\n\n"
 
 
-def _observer(children: list[Any]) -> Any:
+def _observer(children: list[Any], engine: Any) -> Any:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-    from llm_otel_callbacks import Composite, catalog
-    from llm_otel_callbacks._request_hooks import RequestHooks
-    from llm_otel_callbacks.serve._engine import engine_error_types, make_error_response
-    from llm_otel_callbacks.serve._requests import RequestObserver
-    from llm_otel_callbacks.telemetry import TelemetrySettings
-    from llm_otel_callbacks.telemetry.providers import Telemetry
+    from llm_otel_callbacks import Composite
+    from llm_otel_callbacks.serve.server import request_observer
+    from llm_otel_callbacks.telemetry import Telemetry, TelemetrySettings
 
     class Discard(SpanExporter):
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
@@ -112,11 +109,8 @@ def _observer(children: list[Any]) -> Any:
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(Discard(), max_queue_size=1 << 16))
     tel.tracer = provider.get_tracer("bench")
-    composite = Composite(callbacks=children)
-    hooks = RequestHooks(composite.hook_targets(), tel.recorder(catalog.HOOK_CALLS), MODEL)
-    return RequestObserver(model=MODEL, provider="vllm", tel=tel, hooks=hooks,
-                           error_response=make_error_response,
-                           error_types=engine_error_types())
+    # The observer ObservedLLMServer builds, on a tracer whose spans go nowhere.
+    return request_observer(Composite(callbacks=children), MODEL, engine, tel=tel)
 
 
 async def _drain(gen: AsyncIterator[Any]) -> None:
@@ -170,7 +164,7 @@ def micro(chunks: int, requests: int, repeat: int) -> dict[str, Any]:
     bare_once = _time(bare_requests, repeat)
     out: dict[str, Any] = {"chunks_per_stream": chunks, "requests": requests, "cases": {}}
     for name, children in cases.items():
-        observer = _observer(children)
+        observer = _observer(children, engine)
 
         async def observed_stream(observer: Any = observer) -> None:
             await _drain(observer.observe("chat", engine.chat, request(True), None))
@@ -441,7 +435,7 @@ def cpu_per_request(cycles: list[list[dict[str, Any]]], path: str, group: str,
 
 
 def _run_receiver(port: int, stop: Any, counts: Any) -> None:
-    from tests._support.otlp_receiver import OtlpHttpReceiver
+    from llm_otel_callbacks.demo.otlp_receiver import OtlpHttpReceiver
 
     with OtlpHttpReceiver(port=port) as receiver:
         stop.wait()

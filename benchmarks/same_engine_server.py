@@ -24,8 +24,7 @@ from typing import Any
 
 from llm_otel_callbacks import Composite
 from llm_otel_callbacks.serve import ObservedLLMServer
-from llm_otel_callbacks.serve._engine import ObservedEngine
-from llm_otel_callbacks.serve.server import LLMServer, _request_observer, _telemetry_of
+from llm_otel_callbacks.serve.server import LLMServer, ObservedEngine, request_observer
 
 PLAIN = "plain"
 OBSERVED = "observed"
@@ -51,7 +50,7 @@ class SameEngineServer(ObservedLLMServer):
         kwargs["callbacks"] = list(TOKENCOUNTER_CHILDREN)
         counter = Composite(llm_config=self._llm_config, **kwargs)
         model = str(self._llm_config.model_id)
-        observer = _request_observer(counter, model, _telemetry_of(counter), raw)
+        observer = request_observer(counter, model, raw)
         if observer is None or not observer.hooks.end:
             raise RuntimeError("TokenCounter's on_llm_end was not resolved")
         tokens: Any = ObservedLLMServer.sync_init(self._llm_config)

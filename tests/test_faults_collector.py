@@ -132,11 +132,11 @@ def test_dead_or_hanging_collector_makes_no_old_generation_garbage(
 _EXIT_SCRIPT = textwrap.dedent("""
     import atexit, json, sys, time
     sys.path.insert(0, sys.argv[2])
-    from tests._support.fault_collector import FaultCollector, _NoopHooks
+    from tests._support.fault_collector import FaultCollector, NoopHooks
     # Registered before telemetry's own handler, so it runs after it (atexit is LIFO).
     atexit.register(lambda: print(json.dumps({"flushed": time.time()}), flush=True))
     collector = FaultCollector(sys.argv[1]).start()  # left running: exit meets the fault
-    cb = _NoopHooks(llm_config=None, ctx_kwargs={}, telemetry={
+    cb = NoopHooks(llm_config=None, ctx_kwargs={}, telemetry={
         "endpoint": collector.endpoint, "metrics_backend": "prometheus",
         "schedule_delay_ms": 5000, "shutdown_timeout_s": float(sys.argv[3])})
     for _ in range(200):

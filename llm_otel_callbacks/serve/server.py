@@ -35,6 +35,8 @@ from ._requests import RequestObserver
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["LLMServer", "ObservedEngine", "ObservedLLMServer", "request_observer"]
+
 LLMServer: Any = llm_server_class()
 
 
@@ -89,6 +91,15 @@ def _targets_of(callback: Any) -> list[HookTarget]:
         HookTarget(type(callback).__name__, callback,
                    bool(getattr(callback, "raise_error_on_callback", True)))
     ]
+
+
+def request_observer(
+    callback: Any, model: str, engine: Any, tel: Telemetry | None = None
+) -> RequestObserver | None:
+    """The observer :class:`ObservedLLMServer` wraps ``engine`` in (``ObservedEngine(engine,
+    observer)``) for ``callback``'s request hooks and telemetry; None when there is nothing to
+    observe. ``tel``: the callback's own telemetry unless given (benchmarks pass their own)."""
+    return _request_observer(callback, model, tel or _telemetry_of(callback), engine)
 
 
 def _request_observer(
