@@ -12,6 +12,7 @@ import functools
 import inspect
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry import trace
@@ -264,9 +265,7 @@ class Composite(RayServeLLMCallback):
         if method is not None:  # a subclass's own hook runs first
             await call_async(method, hook, None)
         parent = trace.get_current_span()  # the composite's span for this hook
-        for child, fn, observer in self._plan(hook):
-            before = snapshot(self.ctx)
-            started = observer.start(hook, None, self._child_span_name(hook, child))
+        for child, fn, observer, before, started in self._starting(hook):
             error: BaseException | None = None
             try:
                 await call_async(fn, hook, child.timeout_s)
@@ -278,9 +277,7 @@ class Composite(RayServeLLMCallback):
         if method is not None:
             call_sync(method, hook, None)
         parent = trace.get_current_span()  # the composite's span for this hook
-        for child, fn, observer in self._plan(hook):
-            before = snapshot(self.ctx)
-            started = observer.start(hook, None, self._child_span_name(hook, child))
+        for child, fn, observer, before, started in self._starting(hook):
             error: BaseException | None = None
             try:
                 call_sync(fn, hook, child.timeout_s)
@@ -288,9 +285,12 @@ class Composite(RayServeLLMCallback):
                 error = exc
             self._after_child(hook, child, before, parent, observer, started, error)
 
-    @staticmethod
-    def _child_span_name(hook: str, child: Child) -> str:
-        return f"{catalog.SPAN_HOOK_PREFIX}{hook} {child.name}"
+    def _starting(self, hook: str) -> Iterator[tuple[Child, Hook, HookObserver, Snapshot, Any]]:
+        """Each child implementing ``hook`` as it starts: the ctx before it, its started span."""
+        for child, fn, observer in self._plan(hook):
+            before = snapshot(self.ctx)
+            name = f"{catalog.SPAN_HOOK_PREFIX}{hook} {child.name}"
+            yield child, fn, observer, before, observer.start(hook, None, name)
 
     def _after_child(
         self,

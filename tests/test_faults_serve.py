@@ -33,7 +33,7 @@ from llm_otel_callbacks import RayServeLLMCallback, catalog
 from llm_otel_callbacks.demo.ports import free_port
 from tests._support.otlp_receiver import OtlpHttpReceiver
 from tests._support.ray_env import LocalRay, scrape, start_local_ray
-from tests._support.serve_app import ENGINE_KWARGS, VLLM_CPU_ENV, wait_ready
+from tests._support.serve_app import VLLM_CPU_ENV, tiny_llm_config, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -139,22 +139,15 @@ def _burst_children(probe_path: Path, tag: str) -> list[dict[str, Any]]:
 
 def _llm_config(model_id: str, model_dir: Path, env: dict[str, str], children: list[Any],
                 telemetry: dict[str, Any], num_replicas: int) -> Any:
-    from ray.serve.llm import LLMConfig
-
     callback_config: Any = {
         "callback_class": "llm_otel_callbacks.Composite",
         "callback_kwargs": {"callbacks": children, "telemetry": telemetry},
     }
-    return LLMConfig(
-        model_loading_config={"model_id": model_id, "model_source": str(model_dir)},
-        placement_group_config={"bundles": [{"CPU": 1}]},
-        engine_kwargs=dict(ENGINE_KWARGS),
+    return tiny_llm_config(
+        model_dir, callback_config, env, model_id=model_id,
         # A short graceful shutdown: the sig replica's loop is blocked and never drains.
         deployment_config={"num_replicas": num_replicas, "graceful_shutdown_timeout_s": 1},
-        experimental_configs={"num_ingress_replicas": 1},
-        runtime_env={"env_vars": dict(env)},
         server_cls="llm_otel_callbacks.serve.ObservedLLMServer",
-        callback_config=callback_config,
     )
 
 

@@ -74,11 +74,15 @@ class DemoContext:
     options: DemoOptions
     ray: LocalRay
     http_url: str
+    """Serve's HTTP address (on 127.0.0.1)."""
     spans_path: Path
+    """The OTLP/JSON lines file the spans go to."""
     model_dir: Path
     llm_config: Any
     started_at: float
+    """Wall-clock time the deployment started."""
     observed_server: bool
+    """True when the replica runs ObservedLLMServer."""
     prometheus: PrometheusServer | None = None
     startup: StartupTrace | None = None
 

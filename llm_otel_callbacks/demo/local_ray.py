@@ -67,12 +67,10 @@ class EnvPatch:
         os.environ.update(values)
 
     def restore(self) -> None:
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        self._saved = {}
+        saved, self._saved = self._saved, {}
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        for key in (k for k, v in saved.items() if v is None):
+            os.environ.pop(key, None)
 
 
 @dataclass

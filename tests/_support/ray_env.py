@@ -10,12 +10,11 @@ Prometheus scraping.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,6 @@ __all__ = [
     "LocalRay",
     "NodeInfo",
     "free_port",
-    "local_cluster",
-    "local_ray",
     "scrape",
     "select",
     "shutdown_active",
@@ -213,24 +210,6 @@ def start_cluster(
         run.shutdown()
         raise
     return run
-
-
-@contextlib.contextmanager
-def local_ray(tmp_path: Path, **kwargs: Any) -> Iterator[LocalRay]:
-    run = start_local_ray(tmp_path, **kwargs)
-    try:
-        yield run
-    finally:
-        run.shutdown()
-
-
-@contextlib.contextmanager
-def local_cluster(tmp_path: Path, **kwargs: Any) -> Iterator[LocalCluster]:
-    run = start_cluster(tmp_path, **kwargs)
-    try:
-        yield run
-    finally:
-        run.shutdown()
 
 
 # -- Prometheus scraping -------------------------------------------------------

@@ -18,7 +18,10 @@ from tests._support.ray_env import start_local_ray
 VLLM_CPU_ENV = _toolkit.CPU_ENGINE_ENV
 llm_config = tiny_llm_config
 
-__all__ = ["ENGINE_KWARGS", "VLLM_CPU_ENV", "App", "deployed", "llm_config", "wait_ready"]
+__all__ = [
+    "ENGINE_KWARGS", "VLLM_CPU_ENV", "App", "deployed", "llm_config", "tiny_llm_config",
+    "wait_ready",
+]
 
 
 @contextlib.contextmanager
