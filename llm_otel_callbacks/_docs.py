@@ -1,6 +1,8 @@
-"""The README's metric and span tables, rendered from the catalog (a test keeps them in sync).
+"""The metric and span tables of ``docs/catalog.md``, rendered from the catalog (a test keeps
+them in sync).
 
-Run ``python -m llm_otel_callbacks._docs`` to rewrite the block between the markers.
+Run ``python -m llm_otel_callbacks._docs`` (from the repository root) to rewrite the block
+between the markers; another file can be named as the argument.
 """
 
 from __future__ import annotations
@@ -63,16 +65,19 @@ def block() -> str:
     return f"{BEGIN}\n{render()}\n{END}"
 
 
-def update(readme: Path) -> bool:
-    text = readme.read_text()
+DEFAULT_PATH = Path("docs") / "catalog.md"
+
+
+def update(path: Path) -> bool:
+    text = path.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
     new = text[:start] + block() + text[end:]
     if new != text:
-        readme.write_text(new)
+        path.write_text(new)
         return True
     return False
 
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("README.md")
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_PATH
     print("updated" if update(path) else "up to date")

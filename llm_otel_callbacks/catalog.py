@@ -1,6 +1,6 @@
 """Every metric, span and span attribute this package emits, with a sentence each.
 
-Code, the README tables and the Grafana dashboards are all derived from this module, so a
+Code, docs/catalog.md and the Grafana dashboards are all derived from this module, so a
 name is typed once. Metric names here are *base* names; what a Prometheus scrape shows
 depends on the backend that exported it (see :meth:`MetricSpec.exposed_name`):
 

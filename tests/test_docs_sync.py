@@ -1,4 +1,5 @@
-"""The README's catalog tables are generated from catalog.py; fail when they drift."""
+"""docs/catalog.md's tables are generated from catalog.py; fail when they drift, and when the
+README stops pointing a newcomer at them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ from llm_otel_callbacks import _docs, catalog
 from tests._support.ray_env import REPO_ROOT
 
 
-def test_readme_catalog_is_generated_from_the_catalog() -> None:
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert _docs.block() in readme, "run: python -m llm_otel_callbacks._docs README.md"
+def test_catalog_doc_is_generated_from_the_catalog() -> None:
+    doc = (REPO_ROOT / _docs.DEFAULT_PATH).read_text()
+    assert _docs.block() in doc, "run: python -m llm_otel_callbacks._docs"
     for spec in catalog.ALL_METRICS:
-        assert spec.exposed_name(ray=True) in readme
+        assert spec.exposed_name(ray=True) in doc
+
+
+def test_readme_links_every_doc_and_keeps_its_two_commands() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "./demo.sh" in readme and "./test.sh" in readme
+    for doc in sorted((REPO_ROOT / "docs").glob("*.md")):
+        assert f"(docs/{doc.name})" in readme, f"README does not link docs/{doc.name}"
+    assert len(readme.splitlines()) <= 220, "keep the README short: details go to docs/"
