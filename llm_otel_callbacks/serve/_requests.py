@@ -27,7 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry.trace import SpanKind, get_current_span, set_span_in_context
+from opentelemetry.trace import NoOpTracer, SpanKind, get_current_span, set_span_in_context
 
 from .. import catalog
 from .._request_hooks import (
@@ -89,6 +89,14 @@ class RequestObserver:
         self._rejected = tel.recorder(catalog.REQUESTS_REJECTED)
         self._labels = {op: Labels(name, provider, model) for op, name in _OPERATIONS.items()}
         self._span_names = {op: f"{name} {model}" for op, name in _OPERATIONS.items()}
+        # Per replica, not per request: what every span of an operation carries. A tracer
+        # that records nothing (no exporter configured) gets no attributes built at all.
+        self._tracing = not isinstance(tel.tracer, NoOpTracer)
+        self._base_attrs: dict[str, dict[str, Any]] = {
+            op: {catalog.A_GENAI_OPERATION: name, catalog.A_GENAI_PROVIDER: provider,
+                 catalog.A_MODEL: model}
+            for op, name in _OPERATIONS.items()
+        }
         self._background: set[asyncio.Task[Any]] = set()
         self._usage_options = _sse.UsageOptions()
 
@@ -110,41 +118,38 @@ class RequestObserver:
     def _begin(self, op: str, request: Any, raw: Any) -> Record:
         rec = Record(op, self._labels[op], bool(getattr(request, "stream", False)))
         request_id = getattr(request, "request_id", None)
-        attrs: dict[str, Any] = {
-            catalog.A_GENAI_OPERATION: rec.labels.base[0],
-            catalog.A_GENAI_PROVIDER: self.provider,
-            catalog.A_MODEL: self.model,
-            catalog.A_STREAM: rec.stream,
-        }
-        if request_id:
-            attrs[catalog.A_REQUEST_ID] = str(request_id)
-        sampling_attributes(request, attrs)
         parent = otel_context.get_current()  # Serve's request span, when Serve traces
-        span = self._tracer.start_span(
-            self._span_names[op], context=parent, kind=SpanKind.SERVER, attributes=attrs
-        )
-        rec.span = span
-        rec.ctx = set_span_in_context(span, parent)
-        span_ctx = span.get_span_context()
-        if span.is_recording():
-            rec.exemplar = span_ctx
+        hooks = self.hooks.any
+        if self._tracing:
+            attrs = self._base_attrs[op].copy()
+            attrs[catalog.A_STREAM] = rec.stream
+            if request_id:
+                attrs[catalog.A_REQUEST_ID] = str(request_id)
+            sampling_attributes(request, attrs)
+            span = self._tracer.start_span(
+                self._span_names[op], context=parent, kind=SpanKind.SERVER, attributes=attrs
+            )
+            rec.span = span
+            if span.is_recording():
+                rec.exemplar = span.get_span_context()
+            if hooks:  # the hooks run with the request span current
+                rec.ctx = set_span_in_context(span, parent)
+        if not hooks:
+            return rec
+        span_ctx = rec.span.get_span_context()
         if not span_ctx.is_valid:  # no tracer of ours: the hooks still get Serve's trace
             span_ctx = get_current_span(parent).get_span_context()
         rec.trace_id = format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None
-        rec.kwargs = (
-            {
-                "model": self.model,
-                "request_id": request_id,
-                "trace_id": rec.trace_id,
-                "stream": rec.stream,
-                "operation": op,
-                "user": getattr(request, "user", None),
-                "api_key_id": _api_key_id(raw),
-                "request": request,
-            }
-            if self.hooks.any
-            else None
-        )
+        rec.kwargs = {
+            "model": self.model,
+            "request_id": request_id,
+            "trace_id": rec.trace_id,
+            "stream": rec.stream,
+            "operation": op,
+            "user": getattr(request, "user", None),
+            "api_key_id": _api_key_id(raw),
+            "request": request,
+        }
         return rec
 
     # --- hooks --------------------------------------------------------------------------------
