@@ -1,6 +1,7 @@
 """Grafana dashboards generated from the metric catalog.
 
-``python -m llm_otel_callbacks dashboards`` writes them; ``--check`` compares.
+``python -m llm_otel_callbacks dashboards`` writes them (and what derives from them: the
+alerting rules and the Grafana ConfigMap, see :mod:`.alerts`); ``--check`` compares.
 
 What the panels show is in :mod:`._dashboard_specs` (queries over :mod:`.catalog` metrics, built
 in :mod:`._promql`); this module turns it into Grafana JSON with Grafana's own
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import catalog
+from . import alerts, catalog
 from ._dashboard_specs import DashboardSpec, Panel, Row, dashboards
 from ._promql import (
     ALL,
@@ -344,6 +345,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.check:
         diffs = differences(args.out)
+        if args.out == DASHBOARD_DIR:  # the rules and the Grafana ConfigMap derive from them too
+            diffs += alerts.differences()
         for diff in diffs:
             sys.stdout.write(diff)
         if diffs:
@@ -352,6 +355,9 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(f"dashboards in {args.out} match the catalog")
         return 0
-    for path in generate(args.out):
+    written = generate(args.out)
+    if args.out == DASHBOARD_DIR:
+        written += alerts.generate()
+    for path in written:
         print(path)
     return 0
