@@ -1,7 +1,9 @@
 """The Grafana dashboards: generated from the catalog (the committed JSON is what the generator
 makes), every expression valid PromQL (promtool), every panel query answered by a real
 Prometheus scraping a real run (the demo's Serve LLM deployment plus Ray's initialize_node
-flows on the same cluster), and exemplars that link a latency point to its trace."""
+flows on the same cluster), and exemplars that link a latency point to its trace. On the same
+run, a second Prometheus loads the alerting rules (tests/test_alerts.py has the rest) and the
+failing request callback's alert goes pending or firing."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from llm_otel_callbacks import _dashboard_specs, _promql, catalog, dashboards
+from llm_otel_callbacks import _dashboard_specs, _promql, alerts, catalog, dashboards
 from llm_otel_callbacks.demo import MODEL_ID, DemoContext, DemoOptions, run_demo
 from llm_otel_callbacks.demo.prometheus import PrometheusServer, promtool_check, start_prometheus
 from tests._support.prometheus import require_prometheus
@@ -294,6 +296,30 @@ def _empty_panels(prom: PrometheusServer, since: float) -> list[str]:
     return empty
 
 
+# The shipped rules with short for: durations, and a rejected share the run's rate limiter
+# exceeds (it refuses 3 or more of 14 requests).
+ALERT_OVERRIDES = {"for.LLMCallbackHookFailing": "2s", "for.LLMRequestsRejected": "2s",
+                   "rejected_share": "0.05", "rejected_min_requests": "1"}
+HOOK_ALERT = {"alertname": "LLMCallbackHookFailing", "model": MODEL_ID,
+              "callback": "FailingRequestHook", "hook": "on_llm_end", "outcome": "error"}
+REJECTED_ALERT = {"alertname": "LLMRequestsRejected", "model": MODEL_ID, "callback": "RateLimiter"}
+
+
+def _matching(found: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
+    return [a for a in found if labels.items() <= a["labels"].items()
+            and a["state"] in ("pending", "firing")]
+
+
+def _wait_for_alerts(prom: PrometheusServer, timeout: float = 60.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    found = prom.alerts()
+    while time.monotonic() < deadline and not (
+            _matching(found, HOOK_ALERT) and _matching(found, REJECTED_ALERT)):
+        time.sleep(1)
+        found = prom.alerts()
+    return found
+
+
 @pytest.mark.e2e
 def test_every_panel_query_returns_data_on_a_real_run(
     prometheus_tools: tuple[str, str], tmp_path: Path
@@ -302,16 +328,24 @@ def test_every_panel_query_returns_data_on_a_real_run(
 
     _ensure_ray_down()
     found: dict[str, Any] = {}
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text(alerts.rule_file(alerts.AlertSettings().with_overrides(ALERT_OVERRIDES)))
 
     def on_ready(ctx: DemoContext) -> None:
         prom = ctx.prometheus
         assert prom is not None, "the demo did not start prometheus"
         since = time.time()
-        prom.wait_until_scraped()
-        _startup_flows(ctx, tmp_path)
-        found["statuses"] = _spaced_requests(ctx, REQUESTS_ALLOWED + 3)
-        time.sleep(5)  # Ray pushes every second, Prometheus scrapes every second
-        found["empty"] = _empty_panels(prom, since)
+        with start_prometheus(prom.targets, tmp_path / "prom-alerts", scrape_interval_s=1,
+                              binary=prometheus_tools[0], rule_files=[rules]) as alerting:
+            prom.wait_until_scraped()
+            _startup_flows(ctx, tmp_path)
+            found["statuses"] = _spaced_requests(ctx, REQUESTS_ALLOWED + 3)
+            time.sleep(5)  # Ray pushes every second, Prometheus scrapes every second
+            found["empty"] = _empty_panels(prom, since)
+            found["rule_health"] = [(r["name"], r["health"], r.get("lastError", ""))
+                                    for g in alerting.api("rules")["groups"]
+                                    for r in g["rules"]]
+            found["alerts"] = _wait_for_alerts(alerting)
 
     out = io.StringIO()
     options = DemoOptions(folder=tmp_path / "demo", requests=3, prometheus=True,
@@ -321,3 +355,16 @@ def test_every_panel_query_returns_data_on_a_real_run(
     statuses = found["statuses"]
     assert 200 in statuses and 429 in statuses, statuses  # served, then rate-limited
     assert not found["empty"], "panels without data:\n" + "\n".join(found["empty"])
+    # The alerting rules, loaded by a real Prometheus scraping the same run.
+    assert {name for name, _, _ in found["rule_health"]} == set(alerts.DEFAULT_FOR)
+    assert all(health == "ok" for _, health, _ in found["rule_health"]), found["rule_health"]
+    hook_alerts = _matching(found["alerts"], HOOK_ALERT)
+    assert hook_alerts, f"no {HOOK_ALERT} among {found['alerts']}"
+    notes = hook_alerts[0]["annotations"]
+    assert notes["summary"] == (f"Callback FailingRequestHook fails in on_llm_end "
+                                f"(model {MODEL_ID})")
+    assert notes["runbook_url"] == "docs/alerts.md#llmcallbackhookfailing"
+    assert hook_alerts[0]["labels"]["severity"] == "warning"
+    assert float(hook_alerts[0]["value"]) >= 1
+    rejected = _matching(found["alerts"], REJECTED_ALERT)
+    assert rejected, f"no {REJECTED_ALERT} among {found['alerts']}"

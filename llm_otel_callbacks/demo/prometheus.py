@@ -80,6 +80,10 @@ class PrometheusServer:
     def query_exemplars(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
         return list(self.api("query_exemplars", {"query": expr, "start": start, "end": end}))
 
+    def alerts(self) -> list[dict[str, Any]]:
+        """Alerts pending or firing now (``/api/v1/alerts``)."""
+        return list(self.api("alerts")["alerts"])
+
     def active_targets(self) -> list[dict[str, Any]]:
         return list(self.api("targets")["activeTargets"])
 
@@ -118,15 +122,18 @@ class PrometheusServer:
 
 
 def write_config(path: Path, targets: Sequence[str], scrape_interval_s: float,
-                 job: str = "ray") -> None:
-    """A scrape config for ``host:port`` targets (JSON is valid YAML for Prometheus)."""
+                 job: str = "ray", rule_files: Sequence[Path] = ()) -> None:
+    """A scrape config for ``host:port`` targets (JSON is valid YAML for Prometheus), with
+    ``rule_files`` evaluated at the scrape interval."""
     interval = f"{max(1, round(scrape_interval_s * 1000))}ms"
-    config = {
+    config: dict[str, Any] = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": list(targets)}]},
         ],
     }
+    if rule_files:
+        config["rule_files"] = [str(Path(f).resolve()) for f in rule_files]
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -138,16 +145,18 @@ def start_prometheus(
     port: int | None = None,
     binary: str | None = None,
     ready_timeout_s: float = 30.0,
+    rule_files: Sequence[Path] = (),
 ) -> PrometheusServer:
     """Start ``prometheus`` on 127.0.0.1 scraping ``targets`` (``host:port``), with its data,
-    config and log under ``workdir``, exemplar storage on; returns once it is ready."""
+    config and log under ``workdir``, exemplar storage on, ``rule_files`` loaded; returns once
+    it is ready."""
     exe = binary or find_binary("prometheus")
     if exe is None:
         raise PrometheusError(f"prometheus is not installed; install it with: {INSTALL_HINT}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
-    write_config(config, targets, scrape_interval_s)
+    write_config(config, targets, scrape_interval_s, rule_files=rule_files)
     port = port or free_port()
     log_path = workdir / "prometheus.log"
     log = log_path.open("ab")
