@@ -12,6 +12,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "HookTimeoutError": "._callers",
     "CallbackConfigError": "._validation",
+    "Count": "._validation",
+    "Number": "._validation",
+    "MetricSpec": ".catalog",
+    "Recorder": ".telemetry.metrics",
     "HookTarget": ".base",
     "RayServeLLMCallback": ".base",
     "ChildHookError": ".composite",
@@ -23,20 +27,26 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from ._callers import HookTimeoutError
-    from ._validation import CallbackConfigError
+    from ._validation import CallbackConfigError, Count, Number
     from .base import HookTarget, RayServeLLMCallback
+    from .catalog import MetricSpec
     from .composite import ChildHookError, Composite, CompositeCallback
     from .config import validate_callback_config
     from .telemetry import TelemetrySettings
+    from .telemetry.metrics import Recorder
 
 __all__ = [
     "CallbackConfigError",
     "ChildHookError",
     "Composite",
     "CompositeCallback",
+    "Count",
     "HookTarget",
     "HookTimeoutError",
+    "MetricSpec",
+    "Number",
     "RayServeLLMCallback",
+    "Recorder",
     "TelemetrySettings",
     "__version__",
     "validate_callback_config",

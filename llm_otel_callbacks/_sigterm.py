@@ -14,14 +14,14 @@ leave, open startup spans end with an error, all within ``shutdown_timeout_s``; 
 handler goes on unchanged. ``signal.signal`` cannot do it: only the main thread may call it,
 and a Serve replica never runs our code there (an async actor runs even its constructor on
 another thread). Ray's handler looks its exit function up in ``ray._private.worker`` at each
-call, so that one name is wrapped, and only when the installed handler is Ray's and uses it.
-Outside Ray workers nothing changes (``atexit`` flushes there).
+call, so that one name is wrapped (``_ray.chain_worker_sigterm_exit``), and only when the
+installed handler is Ray's and uses it. Outside Ray workers nothing changes (``atexit``
+flushes there).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 import weakref
@@ -29,8 +29,6 @@ from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
-
-_RAY_EXIT_NAME = "raise_sys_exit_with_custom_error_message"
 
 _LOCK = threading.RLock()  # re-entrant: the handler may interrupt watch() on its thread
 _WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()  # Telemetry objects of this process
@@ -59,32 +57,15 @@ def _install() -> None:
     global _installed
     _installed = True  # one attempt per process, whatever its outcome
     try:
-        import ray
-        from ray._private import worker as ray_worker
+        from ._ray import chain_worker_sigterm_exit
 
-        if not ray.is_initialized() or ray_worker.global_worker.mode != ray_worker.WORKER_MODE:
-            return  # a driver or plain process: atexit flushes there
-        handler = signal.getsignal(signal.SIGTERM)
-        ray_exit = getattr(ray_worker, _RAY_EXIT_NAME, None)
-        if (
-            ray_exit is None
-            or getattr(handler, "__globals__", None) is not vars(ray_worker)
-            or _RAY_EXIT_NAME not in getattr(getattr(handler, "__code__", None), "co_names", ())
-        ):
-            logger.debug("llm_otel_callbacks: Ray's SIGTERM handler not found; no SIGTERM flush")
-            return
-        setattr(ray_worker, _RAY_EXIT_NAME, _chained(ray_exit))
+        chain_worker_sigterm_exit(_flush_before_exit)
     except Exception as exc:  # never let this break telemetry or a hook
         logger.debug("llm_otel_callbacks: no SIGTERM flush: %s", exc)
 
 
-def _chained(ray_exit: Callable[..., Any]) -> Callable[..., Any]:
-    def flush_then_exit(*args: Any, **kwargs: Any) -> Any:
-        flush_now("process received SIGTERM before the replica finished starting")
-        return ray_exit(*args, **kwargs)
-
-    flush_then_exit.__wrapped__ = ray_exit  # type: ignore[attr-defined]
-    return flush_then_exit
+def _flush_before_exit() -> None:
+    flush_now("process received SIGTERM before the replica finished starting")
 
 
 def flush_now(reason: str) -> float:

@@ -14,20 +14,22 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, Status, StatusCode, set_span_in_context
+from opentelemetry.trace import Span, Status, StatusCode, Tracer, set_span_in_context
 from pydantic import BaseModel
 
 from . import _sigterm, catalog
 from ._callers import call_async, call_sync
 from ._observe import HookObserver
-from ._ray import CallbackBase
+from ._ray import CallbackBase, handle_callback_error, hook_method
 from ._validation import validate_kwargs
+from .catalog import MetricSpec
 from .telemetry import TelemetrySettings, get_telemetry
+from .telemetry.metrics import Recorder
 from .telemetry.propagation import carrier_for, context_from
 from .telemetry.providers import before_shutdown
 
@@ -150,7 +152,7 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         try:
             self.after_unpickle()
         except Exception as exc:
-            self._handle_callback_error("after_unpickle", exc)
+            handle_callback_error(self, "after_unpickle", exc)
 
     def after_unpickle(self) -> None:
         """Runs once in a process that unpickled this callback (e.g. a per-node download
@@ -158,6 +160,31 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         node-local decisions. Errors follow ``raise_error_on_callback``."""
 
     # --- telemetry ----------------------------------------------------------------------------
+
+    # --- the extension API: what a subclass records with (built-ins use only this) --------
+
+    def metric(self, spec: MetricSpec) -> Recorder:
+        """The recorder of one catalog metric (``catalog.TOKENS`` ...) in this process.
+
+        ``add(labels, value=1)`` for counters and gauges, ``record(labels, value)`` for
+        histograms; ``labels`` is a tuple in the order of ``spec.labels``. Created on first
+        use, per process (never pickled), so it works in a per-node download task too.
+        With telemetry disabled it records nothing."""
+        return self._observer.tel.recorder(spec)
+
+    @property
+    def tracer(self) -> Tracer:
+        """The OTel tracer of this process (a no-op tracer when nothing exports spans).
+
+        Parent your spans on :meth:`startup_context` during the startup; during a request
+        hook the request span is current (``opentelemetry.trace.get_current_span()``)."""
+        return self._observer.tel.tracer
+
+    @property
+    def process_attributes(self) -> Mapping[str, Any]:
+        """Where this process runs: ``host.name``, ``process.pid`` and, inside Ray, the
+        Ray node/job/actor ids and the Serve app/deployment/replica (catalog ``R_*`` keys)."""
+        return self._observer.tel.process_attributes
 
     @property
     def _observer(self) -> HookObserver:
@@ -194,7 +221,7 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         if self._unpickled:
             local.parent = context_from(self.trace_carrier)
             return local.parent
-        span = local.observer.tel.tracer.start_span(
+        span = self.tracer.start_span(
             catalog.SPAN_STARTUP,
             start_time=self.created_at_ns,
             attributes={catalog.A_MODEL: self.model_id, catalog.A_CLASS: local.observer.class_name},
@@ -247,12 +274,17 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
     # --- dispatch -----------------------------------------------------------------------------
 
     def _method(self, method_name: str) -> tuple[Any, bool]:
-        """Ray's ``_get_method`` (same errors), memoized per process: it inspects."""
+        """:meth:`_hook_method`, memoized per process: it inspects."""
         local = self._local or self._make_local()
         found = local.methods.get(method_name)
         if found is None:
-            found = local.methods[method_name] = self._get_method(method_name)
+            found = local.methods[method_name] = self._hook_method(method_name)
         return found
+
+    def _hook_method(self, method_name: str) -> tuple[Any, bool]:
+        """``(bound hook, is_async)`` as Ray looks it up (AttributeError when missing); the
+        composite overrides it to dispatch any hook to its children."""
+        return hook_method(self, method_name)
 
     async def run_callback(self, method_name: str) -> None:
         """Ray's async dispatch, with a span and metrics around the call."""
@@ -319,7 +351,7 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         elif hook == STARTUP_LAST_HOOK and not self._defer_startup_end:
             self.end_startup()
         if error is not None:
-            self._handle_callback_error(hook, error)  # Ray's raise-or-log, unchanged
+            handle_callback_error(self, hook, error)  # Ray's raise-or-log, unchanged
 
 
 def _end_span(span: Span, error: BaseException | str | None, record_message: bool) -> None:

@@ -231,7 +231,7 @@ class Composite(RayServeLLMCallback):
 
     # --- dispatch -----------------------------------------------------------------------------
 
-    def _get_method(self, method_name: str) -> tuple[Any, bool]:
+    def _hook_method(self, method_name: str) -> tuple[Any, bool]:
         # Any hook Ray (or ObservedLLMServer) dispatches goes to the children, including
         # hooks added after this was written.
         impl = getattr(type(self), method_name, None)
@@ -241,7 +241,7 @@ class Composite(RayServeLLMCallback):
             or impl is getattr(RayServeLLMCallback, method_name, None)
         ):
             return None, True
-        return super()._get_method(method_name)  # type: ignore[no-any-return]
+        return super()._hook_method(method_name)
 
     def _plan(self, hook: str) -> list[tuple[Child, Hook, HookObserver]]:
         """Children implementing ``hook``, with their observers (memoized per process)."""

@@ -25,9 +25,7 @@ from typing import Any
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import catalog
-from .._validation import Number
-from ..base import RayServeLLMCallback
+from .. import Number, RayServeLLMCallback, catalog
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +96,8 @@ class CostTracker(RayServeLLMCallback):
         prompt = int(kwargs.get("prompt_tokens") or 0)
         completion = int(kwargs.get("completion_tokens") or 0)
         cost = None if price is None else (prompt * price.input + completion * price.output) / 1e6
-        tel = self._observer.tel
         if cost is None:
-            tel.recorder(catalog.COST_UNPRICED).add((model,))
+            self.metric(catalog.COST_UNPRICED).add((model,))
             if model not in self._unpriced_warned:
                 self._unpriced_warned.add(model)
                 logger.warning("CostTracker: no price for model '%s' (and no default_price)",
@@ -111,7 +108,7 @@ class CostTracker(RayServeLLMCallback):
         self.total_tokens += prompt + completion
         self.request_count += 1
         self.costs_by_model[model] = self.costs_by_model.get(model, 0.0) + cost
-        tel.recorder(catalog.COST).add((model, currency), cost)
+        self.metric(catalog.COST).add((model, currency), cost)
         span = trace.get_current_span()  # the request span while a request hook runs
         if span.is_recording():
             span.set_attribute(catalog.A_COST, cost)

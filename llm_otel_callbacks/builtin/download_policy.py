@@ -27,10 +27,8 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 from opentelemetry import trace
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from .. import catalog
+from .. import CallbackConfigError, RayServeLLMCallback, catalog
 from .._ray import cloud_file_system, node_model_downloadable
-from .._validation import CallbackConfigError
-from ..base import RayServeLLMCallback
 from ._common import short_id, this_node_id, upper_name
 
 logger = logging.getLogger(__name__)
@@ -179,7 +177,7 @@ class DownloadPolicy(RayServeLLMCallback):
             decision = DownloadDecision(actual, catalog.RULE_EXTERNAL,
                                         f"changed after DownloadPolicy chose {decision.policy}")
         node = this_node_id()
-        self._observer.tel.recorder(catalog.DOWNLOAD_DECISIONS).add(
+        self.metric(catalog.DOWNLOAD_DECISIONS).add(
             (self.model_id, decision.policy, decision.rule, node)
         )
         span = trace.get_current_span()

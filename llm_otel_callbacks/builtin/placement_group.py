@@ -41,9 +41,8 @@ from ray.util.placement_group import (
     remove_placement_group,
 )
 
-from .. import catalog
-from .._validation import Number
-from ..base import RayServeLLMCallback
+from .. import Number, RayServeLLMCallback, catalog
+from .._ray import resources_per_node
 from ._common import exiting, short_id, upper_name, watch_exit
 
 logger = logging.getLogger(__name__)
@@ -197,7 +196,7 @@ class CustomPlacementGroup(RayServeLLMCallback):
 
     def _record_wait(self, pg: PlacementGroup, waited: float, outcome: str) -> None:
         _, strategy = _group_shape(pg, self.options)
-        self._observer.tel.recorder(catalog.PLACEMENT_GROUP_WAIT).record(
+        self.metric(catalog.PLACEMENT_GROUP_WAIT).record(
             (self.model_id, strategy, outcome), waited
         )
 
@@ -275,14 +274,10 @@ def _user_resources(resources: dict[str, float]) -> dict[str, float]:
 def _cluster_view() -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """(available, total) resources per live node id."""
     api: Any = ray  # Ray's functions are untyped
-    try:
-        from ray._private import state
-
-        developer_api: Any = state
-        avail = developer_api.available_resources_per_node()
-        total = developer_api.total_resources_per_node()
-    except Exception as exc:  # developer API: fall back on cluster-wide sums
-        logger.debug("per-node resources unavailable: %s", exc)
+    per_node = resources_per_node()
+    if per_node is not None:
+        avail, total = per_node
+    else:  # a developer API: fall back on cluster-wide sums
         avail = {"cluster": dict(api.available_resources())}
         total = {"cluster": dict(api.cluster_resources())}
     return (

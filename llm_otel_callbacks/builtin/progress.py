@@ -20,9 +20,7 @@ from typing import Any
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .. import catalog
-from .._validation import Count
-from ..base import RayServeLLMCallback
+from .. import Count, RayServeLLMCallback, catalog
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +101,7 @@ class StreamingProgress(RayServeLLMCallback):
         self._report(stream, kwargs, final=True)
         self._active(-1, kwargs)
         model = str(kwargs.get("model") or self.model_id)
-        self._observer.tel.recorder(catalog.STREAM_CHUNKS).record(
+        self.metric(catalog.STREAM_CHUNKS).record(
             (model, outcome), float(stream.chunks)
         )
 
@@ -133,7 +131,7 @@ class StreamingProgress(RayServeLLMCallback):
 
     def _active(self, delta: float, kwargs: dict[str, Any]) -> None:
         model = str(kwargs.get("model") or self.model_id)
-        self._observer.tel.recorder(catalog.STREAMS_ACTIVE).add((model,), delta)
+        self.metric(catalog.STREAMS_ACTIVE).add((model,), delta)
 
 
 def _key(kwargs: dict[str, Any]) -> Any:

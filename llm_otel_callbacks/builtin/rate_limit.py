@@ -36,9 +36,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .._request_hooks import RequestRejected
-from .._validation import Count, Number
-from ..base import RayServeLLMCallback
+from .. import Count, Number, RayServeLLMCallback
+from ..serve import RequestRejected
 
 WINDOW_S = 60.0
 _STATE = "rate_limiter.buckets"  # process_cache key (per replica, never pickled)

@@ -37,9 +37,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from .. import catalog
-from .._validation import Number
-from ..base import RayServeLLMCallback
+from .. import Number, RayServeLLMCallback, catalog
 from ._common import error_text, say, short_id, this_node_id, upper_name, watch_exit
 
 logger = logging.getLogger(__name__)
@@ -128,7 +126,7 @@ class Timing(RayServeLLMCallback):
 
     def _phase_metric(self, name: str, seconds: float, node: str | None, outcome: str,
                       exemplar: SpanContext | None = None) -> None:
-        self._observer.tel.recorder(catalog.STARTUP_PHASE_DURATION).record(
+        self.metric(catalog.STARTUP_PHASE_DURATION).record(
             (self.model_id, name, node or "", outcome), seconds, exemplar
         )
 
@@ -145,7 +143,7 @@ class Timing(RayServeLLMCallback):
         }
         if node:
             attrs[catalog.A_NODE_ID] = node
-        span = self._observer.tel.tracer.start_span(
+        span = self.tracer.start_span(
             catalog.SPAN_PHASE_PREFIX + name,
             context=self._phase_parent(),
             start_time=start_ns,
@@ -251,7 +249,7 @@ class Timing(RayServeLLMCallback):
             label = rec.name if rec.node is None else f"{rec.name}[{short_id(rec.node)}]"
             flag = "" if rec.outcome == catalog.OUTCOME_OK else f" ({rec.outcome})"
             parts.append(f"{label} {rec.seconds:.1f}s{flag}")
-        replica = self._observer.tel.process_attributes.get(catalog.R_SERVE_REPLICA)
+        replica = self.process_attributes.get(catalog.R_SERVE_REPLICA)
         who = f"replica {replica}" if replica else "replica"
         if error is None:
             verdict = f"started in {total_s:.1f}s"
@@ -265,6 +263,6 @@ class Timing(RayServeLLMCallback):
 
     def _starting_gauge(self, delta: float) -> None:
         try:
-            self._observer.tel.recorder(catalog.REPLICAS_STARTING).add((self.model_id,), delta)
+            self.metric(catalog.REPLICAS_STARTING).add((self.model_id,), delta)
         except Exception as exc:
             say(logger, logging.WARNING, f"Timing: replicas_starting gauge not updated: {exc}")

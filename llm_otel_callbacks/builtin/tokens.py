@@ -11,8 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .. import catalog
-from ..base import RayServeLLMCallback
+from .. import RayServeLLMCallback, catalog
 
 
 class TokenCounterOptions(BaseModel):
@@ -51,7 +50,7 @@ class TokenCounter(RayServeLLMCallback):
         self.prompt_tokens += prompt
         self.completion_tokens += completion
         self.request_count += 1
-        counter = self._observer.tel.recorder(catalog.TOKENS)
+        counter = self.metric(catalog.TOKENS)
         model = str(kwargs.get("model") or self.model_id)
         if prompt:
             counter.add((model, catalog.TOKEN_TYPE_INPUT), float(prompt))

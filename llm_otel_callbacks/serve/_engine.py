@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._ray import error_response_classes
 from ._requests import RequestObserver
 
 
@@ -47,19 +48,17 @@ def make_error_response(
 ) -> Any:
     """An ``ErrorResponse`` as the engine yields one; ``extra`` rides along as extra fields
     (the OpenAI ingress reads ``code`` for the HTTP status; ours also the rejection body)."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse
-
-    return ErrorResponse(
-        error=ErrorInfo(message=message, type=error_type, code=status_code, **extra)
+    error_response, error_info = error_response_classes()
+    return error_response(
+        error=error_info(message=message, type=error_type, code=status_code, **extra)
     )
 
 
 def engine_error_types() -> tuple[type, ...]:
     """Classes of the error responses an engine yields (Ray's and vLLM's)."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import ErrorResponse
-
-    types: list[type] = [ErrorResponse]
-    for base in ErrorResponse.__mro__[1:]:
+    error_response, _ = error_response_classes()
+    types: list[type] = [error_response]
+    for base in error_response.__mro__[1:]:
         if base.__name__ == "ErrorResponse":
             types.append(base)
     return tuple(types)

@@ -21,6 +21,7 @@ from typing import Any
 from opentelemetry.trace import Span, Status, StatusCode
 
 from .. import catalog
+from .._ray import hook_method
 from ..base import RayServeLLMCallback
 from ..builtin.timing import Timing
 from ..telemetry.providers import Telemetry
@@ -36,7 +37,10 @@ def dispatches(callback: Any, hook: str) -> bool:
     """Whether ``callback.run_callback(hook)`` has anything to call (Ray's base raises
     AttributeError for a hook the class lacks; a composite dispatches any hook)."""
     try:
-        callback._get_method(hook)
+        if isinstance(callback, RayServeLLMCallback):
+            callback._method(hook)
+        else:
+            hook_method(callback, hook)
     except AttributeError:
         return False
     return True

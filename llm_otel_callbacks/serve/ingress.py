@@ -16,20 +16,29 @@ Everything else is Ray's ``OpenAiIngress`` unchanged.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import Request
-from ray.llm._internal.serve.core.configs.openai_api_models import (
+from ray.serve.llm.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
 )
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from starlette.responses import JSONResponse, Response
 
+from .._ray import openai_ingress_class
 from ._requests import RESPONSE_FIELD
+
+logger = logging.getLogger(__name__)
+
+OpenAiIngress: Any
+OpenAiIngress, _HAS_RESPONSE_HOOK = openai_ingress_class()
+if not _HAS_RESPONSE_HOOK:
+    logger.warning("llm_otel_callbacks: this Ray's OpenAiIngress has no _get_response; "
+                   "ObservedOpenAiIngress answers rejections as Ray's ingress does")
 
 
 class _Refusal(Exception):
@@ -59,10 +68,11 @@ def _refusal_in(item: Any) -> _Refusal | None:
                     float(retry) if retry is not None else None)
 
 
-class ObservedOpenAiIngress(OpenAiIngress):  # type: ignore[misc]
+class ObservedOpenAiIngress(OpenAiIngress):  # type: ignore[misc,valid-type]
     """``OpenAiIngress`` plus proper answers (status, body, ``Retry-After``) to rejections."""
 
     async def _get_response(self, **kwargs: Any) -> AsyncGenerator[Any, None]:
+        # Ray's private generator every endpoint's engine results pass through (_ray.py).
         first = True
         async for item in super()._get_response(**kwargs):
             if first:

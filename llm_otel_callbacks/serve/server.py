@@ -23,7 +23,7 @@ import logging
 from typing import Any
 
 from .. import _sigterm
-from .._ray import llm_server_class
+from .._ray import llm_server_class, llm_server_config
 from .._request_hooks import RequestHooks
 from ..base import HookTarget, RayServeLLMCallback
 from ..catalog import HOOK_CALLS
@@ -46,13 +46,19 @@ class ObservedLLMServer(LLMServer):  # type: ignore[misc,valid-type]
     engine: Any
 
     async def start(self) -> None:
+        llm_config = llm_server_config(self)
+        if llm_config is None:
+            logger.warning("llm_otel_callbacks: this Ray's LLMServer has no _llm_config; "
+                           "the replica starts unobserved (supported Ray: see _ray.py)")
+            await super().start()
+            return
         try:
-            callback = self._llm_config.get_or_create_callback()
+            callback = llm_config.get_or_create_callback()
         except Exception:
             # Ray's own start makes the same call and reports the error its way.
             await super().start()
             return
-        model = str(self._llm_config.model_id)
+        model = str(llm_config.model_id)
         tel = _telemetry_of(callback)
         phase = EngineStart(callback, model, tel)
         if not phase.arm():

@@ -355,14 +355,11 @@ def _process_attributes() -> dict[str, Any]:
             attrs[catalog.R_RAY_ACTOR] = actor
     except Exception:
         pass
-    try:
-        from ray.serve.context import _get_internal_replica_context
+    from .._ray import replica_info
 
-        replica = _get_internal_replica_context()  # type: ignore[no-untyped-call]
-        if replica is not None:
-            attrs[catalog.R_SERVE_APP] = replica.app_name
-            attrs[catalog.R_SERVE_DEPLOYMENT] = replica.deployment
-            attrs[catalog.R_SERVE_REPLICA] = replica.replica_id.unique_id
-    except Exception:
-        pass
+    replica = replica_info()
+    if replica is not None:
+        attrs[catalog.R_SERVE_APP] = replica.app_name
+        attrs[catalog.R_SERVE_DEPLOYMENT] = replica.deployment
+        attrs[catalog.R_SERVE_REPLICA] = replica.replica_id
     return attrs
