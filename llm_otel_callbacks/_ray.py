@@ -356,7 +356,9 @@ def chain_worker_sigterm_exit(before: Callable[[], None]) -> bool:
 
 def refresh_auth_cache() -> None:
     """Make Ray re-read its auth mode and token (cached per process, in C++), so a second Ray
-    started in the same process (tests, the demo) works.
+    started in the same process (tests, the demo) works. Config first, then the token cache:
+    the order Ray's own test utils use, so a still-draining gRPC thread does not reload a
+    token while in token mode.
 
     Needs: ``ray._raylet.Config`` and ``AuthenticationTokenLoader``. Missing (a Ray without
     token auth): nothing to refresh, does nothing."""

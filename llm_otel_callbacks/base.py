@@ -166,8 +166,9 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
     def metric(self, spec: MetricSpec) -> Recorder:
         """The recorder of one catalog metric (``catalog.TOKENS`` ...) in this process.
 
-        ``add(labels, value=1)`` for counters and gauges, ``record(labels, value)`` for
-        histograms; ``labels`` is a tuple in the order of ``spec.labels``. Created on first
+        ``add(labels, value=1)`` for counters and gauges; ``record(labels, value,
+        exemplar=None)`` for histograms (``exemplar``: a span's context, linking the point to
+        its trace). ``labels`` is a tuple in the order of ``spec.labels``. Created on first
         use, per process (never pickled), so it works in a per-node download task too.
         With telemetry disabled it records nothing."""
         return self._observer.tel.recorder(spec)

@@ -21,7 +21,6 @@ re-read on start and on shutdown: a later start in the same process works.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import secrets
 import shutil
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+# Ray internals (auth cache, LLM registries) live in the Ray boundary; re-exported for the tests.
+from .._ray import refresh_auth_cache, seed_llm_registries
 from .ports import free_port
 
 MARKER_VAR = "LLM_OTEL_LOCAL_RAY_RUN"
@@ -43,20 +44,6 @@ _MAX_TEMP_LEN = 40
 FAST_METRICS_SYSTEM_CONFIG: dict[str, Any] = {"metrics_report_interval_ms": 1000}
 
 AuthMode = Literal["token", "disabled"]
-
-
-def refresh_auth_cache() -> None:
-    """Ray caches the auth mode and token per process (C++): re-read them after a change.
-    Config first, then the token cache: the order Ray's own test utils use."""
-    try:
-        from ray._raylet import (  # type: ignore[attr-defined]
-            AuthenticationTokenLoader,
-            Config,
-        )
-    except ImportError:  # a Ray without token auth
-        return
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
 
 
 class EnvPatch:
@@ -268,43 +255,6 @@ def start_local_ray(
         run.shutdown()
         raise
     return run
-
-
-def seed_llm_registries() -> None:
-    """Write this process's Ray LLM component registrations into the connected cluster.
-
-    Ray 2.60's LLM registries (``ray/llm/_internal/serve/utils/registry.py``) live in the
-    cluster's KV store: a process registers the built-in KV-connector backends when it imports
-    Ray's ``LLMConfig`` and flushes them once, at its first ``ray.init``. A process that starts
-    a second cluster (tests, a demo after a test) has nothing left to flush, so the new
-    cluster's store is empty, and two fresh workers that import ``LLMConfig`` at once (the
-    per-node download tasks) race: check, check, put, put, and the second raises "already
-    registered", failing Ray's ``initialize_node``. Seeding the store first removes the race.
-    Uses Ray private names; does nothing if they move.
-    """
-    try:
-        from ray import cloudpickle
-        from ray.experimental.internal_kv import (
-            _internal_kv_exists,
-            _internal_kv_initialized,
-            _internal_kv_put,
-        )
-        from ray.llm._internal.serve.engines.vllm.kv_transfer import factory  # noqa: F401
-        from ray.llm._internal.serve.utils import registry
-    except Exception:
-        return
-    if not _internal_kv_initialized():  # type: ignore[no-untyped-call]
-        return
-    for reg in list(getattr(registry, "_registries", {}).values()):
-        for name, loader in list(getattr(reg, "_loader_cache", {}).items()):
-            try:
-                key = registry._make_key(reg.category, name)
-                if not _internal_kv_exists(key):
-                    _internal_kv_put(
-                        key, cloudpickle.dumps(loader), overwrite=False  # type: ignore[no-untyped-call]
-                    )
-            except Exception as exc:  # never fail a start over this
-                logging.getLogger(__name__).debug("registry %s not seeded: %s", name, exc)
 
 
 def _remove_path(path: Path) -> None:
