@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +169,7 @@ class RequestHooks:
         hook: str,
         bound: tuple[BoundHook, ...],
         arg: Any,
-        kwargs: dict[str, Any],
+        kwargs: Mapping[str, Any],
         span: Span,
         *,
         ok_counts: list[int] | None = None,

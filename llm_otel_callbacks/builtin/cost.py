@@ -24,8 +24,10 @@ from typing import Any
 
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import Unpack
 
 from .. import Number, RayServeLLMCallback, catalog
+from ..serve.hook_kwargs import LLMEndKwargs
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class CostTracker(RayServeLLMCallback):
                 return OTHER_MODEL, options.default_price
         return base_model, self.price_of(base_model)
 
-    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+    async def on_llm_end(self, response: Any, **kwargs: Unpack[LLMEndKwargs]) -> None:
         base_model = str(kwargs.get("model") or self.model_id)
         model, price = self._priced_as(base_model, getattr(kwargs.get("request"), "model", None))
         prompt = int(kwargs.get("prompt_tokens") or 0)

@@ -19,8 +19,15 @@ from typing import Any
 
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing_extensions import Unpack
 
 from .. import Count, RayServeLLMCallback, catalog
+from ..serve.hook_kwargs import (
+    LLMEndKwargs,
+    LLMErrorKwargs,
+    LLMStreamChunkKwargs,
+    RequestKwargs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ class StreamingProgress(RayServeLLMCallback):
         streams: dict[Any, _Stream] = self.process_cache.setdefault(_STREAMS, {})
         return streams
 
-    def on_llm_stream_chunk(self, chunk: Any, **kwargs: Any) -> None:
+    def on_llm_stream_chunk(self, chunk: Any, **kwargs: Unpack[LLMStreamChunkKwargs]) -> None:
         key = _key(kwargs)
         streams = self._streams()
         stream = streams.get(key)
@@ -86,13 +93,13 @@ class StreamingProgress(RayServeLLMCallback):
         if stream.chunks % self.options.event_every == 0:
             self._report(stream, kwargs, final=False)
 
-    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+    async def on_llm_end(self, response: Any, **kwargs: Unpack[LLMEndKwargs]) -> None:
         self._finish(kwargs, catalog.OUTCOME_OK)
 
-    async def on_llm_error(self, error: Any, **kwargs: Any) -> None:
+    async def on_llm_error(self, error: Any, **kwargs: Unpack[LLMErrorKwargs]) -> None:
         self._finish(kwargs, catalog.OUTCOME_ERROR)
 
-    def _finish(self, kwargs: dict[str, Any], outcome: str) -> None:
+    def _finish(self, kwargs: LLMEndKwargs, outcome: str) -> None:
         stream = self._streams().pop(_key(kwargs), None)
         if stream is None:
             return
@@ -105,7 +112,7 @@ class StreamingProgress(RayServeLLMCallback):
             (model, outcome), float(stream.chunks)
         )
 
-    def _report(self, stream: _Stream, kwargs: dict[str, Any], *, final: bool) -> None:
+    def _report(self, stream: _Stream, kwargs: RequestKwargs, *, final: bool) -> None:
         elapsed = time.perf_counter() - stream.started
         attrs: dict[str, Any] = {
             catalog.A_PROGRESS_CHUNKS: stream.chunks,
@@ -129,10 +136,10 @@ class StreamingProgress(RayServeLLMCallback):
             except Exception as exc:
                 logger.debug("StreamingProgress.on_progress failed: %s", exc)
 
-    def _active(self, delta: float, kwargs: dict[str, Any]) -> None:
+    def _active(self, delta: float, kwargs: RequestKwargs) -> None:
         model = str(kwargs.get("model") or self.model_id)
         self.metric(catalog.STREAMS_ACTIVE).add((model,), delta)
 
 
-def _key(kwargs: dict[str, Any]) -> Any:
+def _key(kwargs: RequestKwargs) -> Any:
     return kwargs.get("request_id") or id(kwargs.get("request"))

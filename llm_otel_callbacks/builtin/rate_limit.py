@@ -35,9 +35,11 @@ from collections import OrderedDict
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import Unpack
 
 from .. import Count, Number, RayServeLLMCallback
 from ..serve import RequestRejected
+from ..serve.hook_kwargs import LLMEndKwargs, LLMStartKwargs, RequestKwargs
 
 WINDOW_S = 60.0
 _STATE = "rate_limiter.buckets"  # process_cache key (per replica, never pickled)
@@ -179,7 +181,7 @@ class RateLimiter(RayServeLLMCallback):
     #: Monotonic clock (seconds); a test may replace it on an instance.
     clock = staticmethod(time.monotonic)
 
-    def _key(self, kwargs: dict[str, Any]) -> str | None:
+    def _key(self, kwargs: RequestKwargs) -> str | None:
         options: RateLimiterOptions = self.options
         if options.key == "global":
             return "*"
@@ -214,7 +216,7 @@ class RateLimiter(RayServeLLMCallback):
             )
         return budgets
 
-    async def on_llm_start(self, prompt: Any, **kwargs: Any) -> None:
+    async def on_llm_start(self, prompt: Any, **kwargs: Unpack[LLMStartKwargs]) -> None:
         key = self._key(kwargs)
         if key is None:
             return
@@ -235,7 +237,7 @@ class RateLimiter(RayServeLLMCallback):
         else:
             budgets.added(0)
 
-    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+    async def on_llm_end(self, response: Any, **kwargs: Unpack[LLMEndKwargs]) -> None:
         if self.options.tokens_per_minute is None:
             return
         key = self._key(kwargs)

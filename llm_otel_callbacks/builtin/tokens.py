@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+from typing_extensions import Unpack
 
 from .. import RayServeLLMCallback, catalog
+from ..serve.hook_kwargs import LLMEndKwargs
 
 
 class TokenCounterOptions(BaseModel):
@@ -44,7 +46,7 @@ class TokenCounter(RayServeLLMCallback):
             "request_count": self.request_count,
         }
 
-    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+    async def on_llm_end(self, response: Any, **kwargs: Unpack[LLMEndKwargs]) -> None:
         prompt = int(kwargs.get("prompt_tokens") or 0)
         completion = int(kwargs.get("completion_tokens") or 0)
         self.prompt_tokens += prompt

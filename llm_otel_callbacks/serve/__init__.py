@@ -1,7 +1,8 @@
 """Ray Serve LLM integration: :class:`ObservedLLMServer` and :class:`ObservedOpenAiIngress`.
 
 Both subclass Ray classes that need vLLM to import, so they load on first use; the request-hook
-types (:class:`RequestRejected`, :class:`StreamedResponse`, ...) import without vLLM.
+types (:class:`RequestRejected`, :class:`StreamedResponse`, the hooks' kwargs TypedDicts
+:class:`LLMEndKwargs` ...) import without vLLM.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from .._request_hooks import (
     StreamedResponse,
     TokenUsage,
 )
+from .hook_kwargs import (
+    LLMEndKwargs,
+    LLMErrorKwargs,
+    LLMStartKwargs,
+    LLMStreamChunkKwargs,
+    RequestKwargs,
+)
 
 if TYPE_CHECKING:
     from .ingress import ObservedOpenAiIngress
@@ -22,8 +30,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REQUEST_HOOKS",
+    "LLMEndKwargs",
+    "LLMErrorKwargs",
+    "LLMStartKwargs",
+    "LLMStreamChunkKwargs",
     "ObservedLLMServer",
     "ObservedOpenAiIngress",
+    "RequestKwargs",
     "RequestRejected",
     "ResponseError",
     "StreamedResponse",

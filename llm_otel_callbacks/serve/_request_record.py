@@ -16,6 +16,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanContext, Status, StatusC
 
 from .. import catalog
 from ..telemetry.providers import Telemetry
+from .hook_kwargs import RequestKwargs
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Record:
         self.ctx: Context | None = None
         self.trace_id: str | None = None
         self.exemplar: SpanContext | None = None  # the span's context when it records
-        self.kwargs: dict[str, Any] | None = None
+        self.kwargs: RequestKwargs | None = None  # built when some target has request hooks
         self.chunks = 0
         self.chunk_calls: list[int] | None = None
         self.chunk_tokens: int | None = None

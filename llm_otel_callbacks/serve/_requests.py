@@ -47,6 +47,14 @@ from ..telemetry.providers import Telemetry
 from . import _sse
 from ._request_record import Labels, Record, RequestTelemetry, sampling_attributes
 from ._sse import CONTENT, DONE, DONE_ITEM, ERROR, USAGE, kind_of, sse_error
+from .hook_kwargs import (
+    LLMEndKwargs,
+    RequestKwargs,
+    chunk_kwargs,
+    end_kwargs,
+    error_kwargs,
+    start_kwargs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,23 +148,18 @@ class RequestObserver:
         if not span_ctx.is_valid:  # no tracer of ours: the hooks still get Serve's trace
             span_ctx = get_current_span(parent).get_span_context()
         rec.trace_id = format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None
-        rec.kwargs = {
-            "model": self.model,
-            "request_id": request_id,
-            "trace_id": rec.trace_id,
-            "stream": rec.stream,
-            "operation": op,
-            "user": getattr(request, "user", None),
-            "api_key_id": _api_key_id(raw),
-            "request": request,
-        }
+        rec.kwargs = start_kwargs(
+            model=self.model, request_id=request_id, trace_id=rec.trace_id, stream=rec.stream,
+            operation=op, user=getattr(request, "user", None), api_key_id=_api_key_id(raw),
+            request=request,
+        )
         return rec
 
     # --- hooks --------------------------------------------------------------------------------
 
     async def _hooks(
         self, rec: Record, hook: str, bound: tuple[BoundHook, ...], arg: Any,
-        kwargs: dict[str, Any], ok_counts: list[int] | None = None,
+        kwargs: RequestKwargs, ok_counts: list[int] | None = None,
     ) -> None:
         token = otel_context.attach(rec.ctx or otel_context.get_current())  # span is current
         try:
@@ -344,13 +347,8 @@ class RequestObserver:
         if text and rec.text is not None:
             rec.text.append(text)
         assert rec.kwargs is not None
-        kwargs = {
-            **rec.kwargs,
-            "index": rec.chunks - 1,
-            "completion_tokens": rec.chunk_tokens,
-            "finish_reason": finish,
-            "raw": item,
-        }
+        kwargs = chunk_kwargs(rec.kwargs, index=rec.chunks - 1,
+                              completion_tokens=rec.chunk_tokens, finish_reason=finish, raw=item)
         calls = rec.chunk_calls
         if calls is None:
             calls = rec.chunk_calls = [0] * len(self.hooks.chunk)
@@ -395,22 +393,19 @@ class RequestObserver:
 
     # --- endings -------------------------------------------------------------------------------
 
-    def _end_kwargs(self, rec: Record) -> dict[str, Any]:
+    def _end_kwargs(self, rec: Record) -> LLMEndKwargs:
         assert rec.kwargs is not None
         now = time.perf_counter()
-        usage = TokenUsage(rec.prompt_tokens, rec.completion_tokens)
-        return {
-            **rec.kwargs,
-            "prompt_tokens": rec.prompt_tokens,
-            "completion_tokens": rec.completion_tokens,
-            "total_tokens": usage.total_tokens,
-            "token_count": usage.total_tokens,
-            "duration_ms": (now - rec.t0) * 1000.0,
-            "time_to_first_token_ms": (
+        return end_kwargs(
+            rec.kwargs,
+            prompt_tokens=rec.prompt_tokens,
+            completion_tokens=rec.completion_tokens,
+            duration_ms=(now - rec.t0) * 1000.0,
+            time_to_first_token_ms=(
                 (rec.first - rec.t0) * 1000.0 if rec.first is not None else None
             ),
-            "chunks": rec.chunks if rec.stream else None,
-        }
+            chunks=rec.chunks if rec.stream else None,
+        )
 
     async def _fail(
         self, rec: Record, error: BaseException, error_type: str, status: int | None = None
@@ -421,8 +416,7 @@ class RequestObserver:
         rec.done = True
         self._count_chunk_calls(rec)
         if self.hooks.error and rec.kwargs is not None:
-            kwargs = self._end_kwargs(rec)
-            kwargs["status_code"] = status
+            kwargs = error_kwargs(self._end_kwargs(rec), status_code=status)
             try:
                 await self._hooks(rec, ON_ERROR, self.hooks.error, error, kwargs)
             except ChildHookError as exc:  # the request fails anyway; keep the first error
