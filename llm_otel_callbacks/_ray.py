@@ -5,8 +5,10 @@ happens when that is missing: a fallback (the feature degrades, with a log line)
 :class:`UnsupportedRayError`, which names the supported Ray range. ``tests/test_ray_boundary.py``
 resolves every accessor against the installed Ray.
 
-The supported range is declared in ``_instruments`` and checked when this module is imported,
-the way opentelemetry-instrumentation declares and checks its ``_instruments``
+The supported range is declared in ``_instruments`` and checked when this module is imported
+(the first Ray-facing name used: ``RayServeLLMCallback``, ``Composite``, a built-in, the serve
+classes; ``import llm_otel_callbacks`` alone loads no Ray), the way
+opentelemetry-instrumentation declares and checks its ``_instruments``
 (``get_dependency_conflicts``). Outside the range the import fails with one message, unless
 ``LLM_OTEL_CALLBACKS_SKIP_RAY_CHECK=1`` is set (then it is a warning, as OTel's
 ``skip_dep_check``). Public Ray names (``ray.serve.llm``, ``ray.serve.get_replica_context``,
@@ -140,6 +142,7 @@ __all__ = [
     "llm_server_config",
     "node_model_downloadable",
     "openai_ingress_class",
+    "raw_request_info_class",
     "ray_version_conflict",
     "refresh_auth_cache",
     "replica_info",
@@ -271,6 +274,20 @@ def error_response_classes() -> tuple[Any, Any]:
     except (AttributeError, KeyError) as exc:
         raise _unsupported("ErrorResponse.error field", exc) from exc
     return ErrorResponse, info
+
+
+def raw_request_info_class() -> Any | None:
+    """Ray's ``RawRequestInfo`` (the request headers ``LLMServer`` hands the engine), or None.
+
+    Needs: ``ray.llm._internal.serve.core.protocol.RawRequestInfo`` (a dataclass with
+    ``headers``). Missing: None; a request that came with no ``RawRequestInfo`` then reaches
+    vLLM without our trace headers (vLLM's request span starts its own trace)."""
+    try:
+        from ray.llm._internal.serve.core.protocol import RawRequestInfo
+    except ImportError as exc:
+        logger.debug("no RawRequestInfo: %s", exc)
+        return None
+    return RawRequestInfo
 
 
 @dataclass(frozen=True)

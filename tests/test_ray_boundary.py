@@ -75,13 +75,14 @@ def test_skip_check_env_turns_the_error_into_a_warning(monkeypatch: pytest.Monke
 
 
 def _import_with_ray_version(version: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    # A real import of the package in a fresh interpreter, where the installed distribution
-    # metadata reports another Ray version (the check reads it the way pip does).
+    # A real import of the package's Ray-facing names in a fresh interpreter, where the
+    # installed distribution metadata reports another Ray version (read the way pip does).
     code = textwrap.dedent(f"""
         import importlib.metadata as md
         real = md.version
         md.version = lambda name: {version!r} if name == "ray" else real(name)
-        import llm_otel_callbacks
+        import llm_otel_callbacks  # light: loads no Ray (the vLLM plugin imports it too)
+        from llm_otel_callbacks import RayServeLLMCallback  # the first Ray-facing name
         print("imported")
     """)
     return subprocess.run(
@@ -250,6 +251,13 @@ def test_error_response_is_public_and_what_the_engine_yields_is_recognised() -> 
     types = engine_error_types()
     assert InternalErrorResponse in types
     assert isinstance(InternalErrorResponse(error=info(message="x", type="y", code=500)), types)
+
+
+def test_raw_request_info_carries_headers() -> None:
+    cls = _ray.raw_request_info_class()
+    assert cls is not None
+    info = cls(headers={"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
+    assert dataclasses.replace(info, headers={"x": "y"}).headers == {"x": "y"}
 
 
 def test_replica_info_is_none_outside_a_replica() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
+from .._ray import raw_request_info_class
 from ..telemetry.propagation import carrier_for
 
 _TRACE_KEYS = ("traceparent", "tracestate")
@@ -40,9 +41,8 @@ def with_trace_headers(raw: Any, span: Span) -> Any:
         return raw
     try:
         if raw is None:
-            from ray.llm._internal.serve.core.protocol import RawRequestInfo
-
-            return RawRequestInfo(headers=dict(carrier))
+            info = raw_request_info_class()
+            return raw if info is None else info(headers=dict(carrier))
         headers = {k: v for k, v in dict(raw.headers).items() if k.lower() not in _TRACE_KEYS}
         headers.update(carrier)
         return dataclasses.replace(raw, headers=headers)
