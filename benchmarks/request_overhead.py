@@ -488,6 +488,7 @@ def same_engine_app(
     """A local Ray with Serve on 127.0.0.1 and the same-engine app deployed and answering a
     chat request; yields (base URL, seconds from deploy to ready). Everything is torn down on
     exit. The demo's toolkit does it all; the replica imports ``benchmarks.*`` from the repo."""
+    from llm_otel_callbacks.demo.local_ray import pythonpath
     from llm_otel_callbacks.demo.serve_app import deployed
     from llm_otel_callbacks.demo.tiny_model import make_tiny_model
 
@@ -497,9 +498,7 @@ def same_engine_app(
         "callback_kwargs": {"callbacks": ["llm_otel_callbacks.builtin.Timing"],
                             "telemetry": {"endpoint": endpoint}},
     }
-    pythonpath = os.pathsep.join(dict.fromkeys(
-        [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]))
-    with deployed(folder, model_dir, callback_config, env={**env, "PYTHONPATH": pythonpath},
+    with deployed(folder, model_dir, callback_config, env={**env, "PYTHONPATH": pythonpath(REPO)},
                   app_name="bench", chat_ready=True, ready_timeout_s=900, model_id=MODEL,
                   server_cls=SERVER_CLS) as app:
         yield app.base_url, app.ready_s

@@ -32,7 +32,7 @@ from .. import catalog
 from .._ray import CallbackConfig
 from . import report
 from .console import Console, Step
-from .local_ray import LocalRay, start_local_ray
+from .local_ray import LocalRay, pythonpath, start_local_ray
 from .ports import free_port
 from .prometheus import PrometheusServer
 from .serve_app import CPU_ENGINE_ENV, MODEL_ID, tiny_llm_config
@@ -164,7 +164,7 @@ def run_demo(
             ray_run = start_local_ray(
                 folder,
                 num_cpus=options.num_cpus,
-                env={"PYTHONPATH": _pythonpath(examples)},
+                env={"PYTHONPATH": pythonpath(examples, REPO_ROOT)},
                 runtime_env={"env_vars": _worker_env(examples)},
                 clean=True,  # the session and the token go; the model and spans stay
                 log_to_driver=False,
@@ -229,15 +229,9 @@ def _examples_dir() -> Path:
                     "repository")
 
 
-def _pythonpath(examples: Path) -> str:
-    parts = [str(examples), str(REPO_ROOT)]
-    parts += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return os.pathsep.join(dict.fromkeys(parts))
-
-
 def _worker_env(examples: Path) -> dict[str, str]:
     """Env vars every Ray worker of the demo gets (the replica and the download tasks)."""
-    env = {"PYTHONPATH": _pythonpath(examples), **CPU_ENGINE_ENV, **QUIET_ENV}
+    env = {"PYTHONPATH": pythonpath(examples, REPO_ROOT), **CPU_ENGINE_ENV, **QUIET_ENV}
     # A configured collector reaches the replica too (OTEL_* is read there).
     env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_")})
     return env

@@ -46,6 +46,15 @@ FAST_METRICS_SYSTEM_CONFIG: dict[str, Any] = {"metrics_report_interval_ms": 1000
 AuthMode = Literal["token", "disabled"]
 
 
+def pythonpath(*first: Path) -> str:
+    """``PYTHONPATH`` for Ray's workers: ``first`` ahead of what this process already has, so
+    a replica imports the repository's modules (the demo's examples, ``tests.*``,
+    ``benchmarks.*``)."""
+    parts = [str(p) for p in first]
+    parts += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(parts))  # dedupe, keep order
+
+
 class EnvPatch:
     """Set env vars now, put the old values back on ``restore()``."""
 

@@ -10,7 +10,6 @@ Prometheus scraping.
 
 from __future__ import annotations
 
-import os
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ from llm_otel_callbacks.demo.local_ray import (
     LocalRay,
     RayRun,
     make_sandbox,
+    pythonpath,
     refresh_auth_cache,
     seed_llm_registries,
 )
@@ -56,9 +56,7 @@ Samples = list[tuple[dict[str, str], float]]
 def worker_pythonpath() -> str:
     """PYTHONPATH for Ray workers: the repo root (for ``llm_otel_callbacks`` and
     ``tests._support``) ahead of whatever this process already had."""
-    parts = [str(REPO_ROOT)]
-    parts += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return os.pathsep.join(dict.fromkeys(parts))  # dedupe, keep order
+    return pythonpath(REPO_ROOT)
 
 
 def _env(env: Mapping[str, str] | None) -> dict[str, str]:
