@@ -101,3 +101,17 @@ class HookObserver:
         self._duration.record(labels, elapsed, exemplar)
         self._calls.add(labels)
         return outcome
+
+
+def error_text(error: BaseException | str | None, with_message: bool) -> str:
+    """An error for a log line, a span status or a client: ``Type: message``, or only the
+    type when messages are kept in (``record_exception_messages: false``: they may carry
+    secrets). A :class:`~llm_otel_callbacks.ChildHookError` keeps its callback and hook."""
+    if error is None:
+        return ""
+    if isinstance(error, str):
+        return error
+    if with_message:
+        return f"{type(error).__name__}: {error}"
+    summary = getattr(error, "summary", None)  # ChildHookError: names, cause type
+    return summary if isinstance(summary, str) else type(error).__name__

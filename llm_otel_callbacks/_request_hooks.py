@@ -32,7 +32,7 @@ from opentelemetry.trace import Span
 
 from . import catalog
 from ._callers import call_async
-from ._observe import outcome_of
+from ._observe import error_text, outcome_of
 from .adapters import REQUEST_HOOKS as REQUEST_HOOKS
 from .base import HookTarget
 from .composite import ChildHookError
@@ -154,7 +154,14 @@ def resolve(targets: Sequence[HookTarget], hook: str) -> tuple[BoundHook, ...]:
 class RequestHooks:
     """The request hooks of one replica, resolved once."""
 
-    def __init__(self, targets: Sequence[HookTarget], calls: Recorder, model: str) -> None:
+    def __init__(
+        self,
+        targets: Sequence[HookTarget],
+        calls: Recorder,
+        model: str,
+        *,
+        record_exception_messages: bool = True,
+    ) -> None:
         self.start = resolve(targets, ON_START)
         self.end = resolve(targets, ON_END)
         self.error = resolve(targets, ON_ERROR)
@@ -162,6 +169,8 @@ class RequestHooks:
         self.any = bool(self.start or self.end or self.error or self.chunk)
         self._calls = calls
         self._model = model
+        # Off: spans and log lines get the error's type, never its message (secrets).
+        self._record_message = record_exception_messages
         self._warned: set[tuple[str, str]] = set()
 
     async def run(
@@ -226,14 +235,16 @@ class RequestHooks:
         try:
             self._calls.add((self._model, hook, b.name, outcome))
             if span.is_recording():
-                span.record_exception(
-                    exc, {catalog.A_HOOK: hook, catalog.A_CALLBACK: b.name,
-                          catalog.A_OUTCOME: outcome},
-                )
+                if self._record_message:
+                    span.record_exception(
+                        exc, {catalog.A_HOOK: hook, catalog.A_CALLBACK: b.name,
+                              catalog.A_OUTCOME: outcome},
+                    )
                 span.add_event(
                     catalog.EVENT_HOOK_ERROR,
-                    {catalog.A_HOOK: hook, catalog.A_CALLBACK: b.name, catalog.A_OUTCOME: outcome,
-                     catalog.A_RAISE: b.raise_error},
+                    {catalog.A_HOOK: hook, catalog.A_CALLBACK: b.name,
+                     catalog.A_OUTCOME: outcome, catalog.A_RAISE: b.raise_error,
+                     catalog.A_ERROR_TYPE: type(exc).__qualname__},
                 )
         except Exception as telemetry_error:  # the telemetry path never fails a request
             logger.debug("request hook error not recorded: %s", telemetry_error)
@@ -243,7 +254,7 @@ class RequestHooks:
         level = logging.DEBUG if key in self._warned else logging.WARNING
         self._warned.add(key)
         logger.log(
-            level, "callback '%s' failed in request hook '%s' (%s): %s: %s", b.name, hook,
+            level, "callback '%s' failed in request hook '%s' (%s): %s", b.name, hook,
             "request fails" if b.raise_error else "logged, request continues",
-            type(exc).__name__, exc,
+            error_text(exc, self._record_message),
         )

@@ -20,7 +20,7 @@ from opentelemetry import trace
 from . import catalog
 from ._callers import call_async, call_sync
 from ._ctx_changes import Snapshot, diff, snapshot
-from ._observe import HookObserver
+from ._observe import HookObserver, error_text
 from ._pickling import pickle_error, unpicklable_attributes
 from ._ray import CallbackBase
 from ._validation import CallbackConfigError
@@ -40,6 +40,9 @@ class ChildHookError(RuntimeError):
         )
         self.child = child
         self.hook = hook
+        #: Without the error's message (which may hold a secret): for clients, and for logs
+        #: and spans under ``record_exception_messages: false``.
+        self.summary = f"callback '{child}' failed in hook '{hook}': {type(error).__name__}"
 
 
 class Composite(RayServeLLMCallback):
@@ -131,7 +134,7 @@ class Composite(RayServeLLMCallback):
             qualname = getattr(target, "__qualname__", repr(target))
             message = (
                 f"callback '{name}' failed in hook '__init__' (constructing {qualname}): "
-                f"{type(exc).__name__}: {exc}"
+                + error_text(exc, self.telemetry_settings.record_exception_messages)
             )
             if policy:
                 raise CallbackConfigError(f"{label}: {message}") from exc
@@ -313,7 +316,8 @@ class Composite(RayServeLLMCallback):
             raise ChildHookError(child.name, hook, error) from error
         logger.error(
             "callback '%s' failed in hook '%s' (raise_error_on_callback=False, continuing): "
-            "%s: %s", child.name, hook, type(error).__name__, error,
+            "%s", child.name, hook,
+            error_text(error, self.telemetry_settings.record_exception_messages),
         )
 
     def _record_changes(

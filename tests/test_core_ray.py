@@ -164,10 +164,13 @@ def test_hook_error_log_policy(
     assert root.status_code != "STATUS_CODE_ERROR"  # the replica went on starting
 
 
-def test_async_download_hook_runs_through_rays_sync_path(
+def test_async_download_hook_in_a_ray_task_is_awaited_inside_its_span(
     ray_local, tiny_model_dir: Path, otlp_receiver: OtlpHttpReceiver
 ) -> None:
-    """Ray calls the download hook with run_callback_sync; ours runs an async hook fully."""
+    """Ray calls the download hook with run_callback_sync in a Ray task (no running loop
+    there, so stock Ray runs it too): ours awaits the coroutine inside the hook's span, which
+    is exported from the task's process. The running-loop defect of Ray's sync path is
+    test_core_unit::test_async_hook_via_sync_path_inside_running_loop_fixed."""
     llm_config = make_llm_config(
         tiny_model_dir,
         "tests.callbacks_for_tests.AsyncDownloadCallback",

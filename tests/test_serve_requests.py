@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -576,7 +577,9 @@ def test_ingress_answers_a_rejection_with_retry_after(models: Any):
     assert _refusal_in(plain) is None
 
 
-def test_server_cls_from_yaml():
+def test_yaml_server_cls_path_resolves_to_observed_llm_server():
+    """The dotted path a YAML file gives resolves to our server class (test_serve_e2e's
+    deployment, built from that path, shows Serve then runs it)."""
     import yaml
     from ray.serve.llm import LLMConfig
 
@@ -715,3 +718,61 @@ def test_every_child_gets_its_end_or_error_hook_after_one_raises(tel: Telemetry,
     assert progress.process_cache[_STREAMS] == {}  # it saw the streams, and closed them all
     kinds = [c[0] for c in rec.calls]
     assert kinds.count("error") == 5 + 3 and kinds.count("end") == 3, kinds
+
+
+# --- a hook's exception text stays inside ----------------------------------------------------
+
+PLANTED = "sk-live-planted-9d1"
+
+
+class LeakyBilling(RayServeLLMCallback):
+    """Raise policy; fails with a key in the message where ``where`` says."""
+
+    async def on_llm_start(self, prompt: Any, **kw: Any) -> None:
+        if self.kwargs["where"] == "start":
+            raise RuntimeError(f"POST https://billing.example/?key={PLANTED} failed")
+
+    async def on_llm_end(self, response: Any, **kw: Any) -> None:
+        if self.kwargs["where"] == "end":
+            raise RuntimeError(f"POST https://billing.example/?key={PLANTED} failed")
+
+    async def on_llm_error(self, error: Any, **kw: Any) -> None:
+        raise ValueError(f"cleanup failed for key={PLANTED}")
+
+
+@pytest.mark.parametrize("record_messages", [True, False])
+def test_a_hooks_exception_text_reaches_no_client_and_obeys_the_setting(
+    tel: Telemetry, spans: InMemorySpanExporter, models: Any,
+    caplog: pytest.LogCaptureFixture, record_messages: bool,
+):
+    """The wiring ObservedLLMServer uses: the composite's settings reach the observer."""
+    from llm_otel_callbacks.serve.server import _request_observer
+
+    def observer_for(where: str) -> RequestObserver:
+        composite = Composite(
+            callbacks=[child(LeakyBilling, "billing", callback_kwargs={"where": where})],
+            telemetry={"record_exception_messages": record_messages},
+        )
+        observer = _request_observer(composite, "m", tel, Engine())
+        assert observer is not None
+        return observer
+
+    caplog.set_level(logging.DEBUG)
+    (plain,) = run(collect(observer_for("start").observe(
+        "chat", Engine().chat, chat_request(models), None)))
+    body = plain.error.model_extra[RESPONSE_FIELD]["error"]["message"]
+    assert body == "callback 'billing' failed in hook 'on_llm_start': RuntimeError"
+    streamed = run(collect(observer_for("end").observe(
+        "chat", Engine().chat, chat_request(models, stream=True), None)))
+    errors = [json.loads(i[len("data: "):])["error"] for i in streamed
+              if isinstance(i, str) and i.startswith('data: {"error"')]
+    assert [e["message"] for e in errors] == [
+        "callback 'billing' failed in hook 'on_llm_end': RuntimeError"], streamed
+    assert PLANTED not in repr(plain) + repr(streamed)
+    finished = spans.get_finished_spans()
+    assert len(finished) == 2 and all(s.status.status_code.name == "ERROR" for s in finished)
+    in_spans = any(PLANTED in repr((s.status.description, [(e.name, dict(e.attributes or {}))
+                                                           for e in s.events]))
+                   for s in finished)
+    assert in_spans is record_messages
+    assert (PLANTED in caplog.text) is record_messages

@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any
 
+from .._observe import error_text as error_text  # shared with the built-ins' modules
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,15 +32,6 @@ def this_node_id() -> str:
 def short_id(node_id: str) -> str:
     """The first 8 hex digits: enough to tell nodes apart in a log line."""
     return node_id[:8] if node_id else "-"
-
-
-def error_text(error: BaseException | str | None, with_message: bool) -> str:
-    """An error for a log line or span status; the message only when allowed (secrets)."""
-    if error is None:
-        return ""
-    if isinstance(error, str):
-        return error
-    return f"{type(error).__name__}: {error}" if with_message else type(error).__name__
 
 
 # --- process exit -------------------------------------------------------------------------------

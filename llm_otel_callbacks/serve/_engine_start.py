@@ -119,8 +119,11 @@ class EngineStart:
                 if error is not None:
                     where = f" (in phase {failed_phase})" if failed_phase else ""
                     span.set_attribute("error.type", type(error).__qualname__)
+                    # The message only when the setting allows it (it may hold a secret).
+                    settings = getattr(self.callback, "telemetry_settings", self.tel.settings)
+                    detail = f": {error}" if settings.record_exception_messages else ""
                     span.set_status(
-                        Status(StatusCode.ERROR, f"{type(error).__name__}{where}: {error}")
+                        Status(StatusCode.ERROR, f"{type(error).__name__}{where}{detail}")
                     )
                 span.end(end_time=end_ns)
             if not self._timing_records_it():

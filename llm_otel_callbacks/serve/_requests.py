@@ -30,6 +30,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import NoOpTracer, SpanKind, get_current_span, set_span_in_context
 
 from .. import catalog
+from .._observe import error_text
 from .._request_hooks import (
     ON_CHUNK,
     ON_END,
@@ -85,6 +86,7 @@ class RequestObserver:
         error_response: ErrorResponseFactory,
         error_types: tuple[type, ...],
         record_exception_messages: bool = True,
+        client_error_messages: bool = False,
     ) -> None:
         self.model = model
         self.provider = provider
@@ -93,6 +95,7 @@ class RequestObserver:
         self._error_response = error_response
         self._error_types = error_types
         self._record_message = record_exception_messages
+        self._client_messages = client_error_messages
         self._telemetry = RequestTelemetry(tel, record_exception_messages)
         self._rejected = tel.recorder(catalog.REQUESTS_REJECTED)
         self._labels = {op: Labels(name, provider, model) for op, name in _OPERATIONS.items()}
@@ -180,14 +183,14 @@ class RequestObserver:
             return self._hook_failure(exc)
         return None
 
+    def _client_message(self, exc: ChildHookError) -> str:
+        """What a client learns of a failed hook: the callback, the hook and the error's type.
+        The error's message (a billing URL, a key...) only with ``client_error_messages``."""
+        return str(exc) if self._client_messages else exc.summary
+
     def _hook_failure(self, exc: ChildHookError) -> Any:
-        """The error response of a request a raise-policy hook failed: it names the target
-        and the hook (and the error's message, unless messages are kept out of telemetry)."""
-        cause = exc.__cause__
-        message = (
-            str(exc) if self._record_message or cause is None
-            else f"callback '{exc.child}' failed in hook '{exc.hook}': {type(cause).__name__}"
-        )
+        """The error response of a request a raise-policy hook failed."""
+        message = self._client_message(exc)
         body = {"error": {"message": message, "type": "callback_error", "param": None,
                           "code": 500}}
         return self._error_response(500, message, "InternalServerError", {RESPONSE_FIELD: body})
@@ -327,7 +330,7 @@ class RequestObserver:
         except ChildHookError as exc:  # a stream-chunk hook with the raise policy
             rec.chunks, rec.last = n, last
             await self._fail(rec, exc, "hook_error")
-            yield sse_error(500, str(exc), "InternalServerError")
+            yield sse_error(500, self._client_message(exc), "InternalServerError")
             yield DONE_ITEM
         except Exception as exc:
             rec.chunks, rec.last = n, last
@@ -379,7 +382,7 @@ class RequestObserver:
                 await self._hooks(rec, ON_END, self.hooks.end, streamed, self._end_kwargs(rec))
             except ChildHookError as exc:
                 await self._fail(rec, exc, "hook_error")
-                return sse_error(500, str(exc), "InternalServerError")
+                return sse_error(500, self._client_message(exc), "InternalServerError")
         self._telemetry.succeeded(rec)
         return None
 
@@ -420,7 +423,7 @@ class RequestObserver:
             try:
                 await self._hooks(rec, ON_ERROR, self.hooks.error, error, kwargs)
             except ChildHookError as exc:  # the request fails anyway; keep the first error
-                logger.debug("on_llm_error failed too: %s", exc)
+                logger.debug("on_llm_error failed too: %s", error_text(exc, self._record_message))
         self._telemetry.end_error(rec, error, error_type, status)
 
     def _cancelled(self, rec: Record) -> None:

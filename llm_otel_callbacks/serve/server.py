@@ -112,10 +112,11 @@ def _request_observer(
     callback: Any, model: str, tel: Telemetry, engine: Any
 ) -> RequestObserver | None:
     """The per-replica observer, or None when there is nothing to do per request."""
-    hooks = RequestHooks(_targets_of(callback), tel.recorder(HOOK_CALLS), model)
+    settings = getattr(callback, "telemetry_settings", tel.settings)
+    hooks = RequestHooks(_targets_of(callback), tel.recorder(HOOK_CALLS), model,
+                         record_exception_messages=settings.record_exception_messages)
     if not hooks.any and not tel.settings.enabled:
         return None
-    settings = getattr(callback, "telemetry_settings", tel.settings)
     return RequestObserver(
         model=model,
         provider=provider_of(engine),
@@ -124,4 +125,5 @@ def _request_observer(
         error_response=make_error_response,
         error_types=engine_error_types(),
         record_exception_messages=settings.record_exception_messages,
+        client_error_messages=settings.client_error_messages,
     )

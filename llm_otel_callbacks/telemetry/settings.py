@@ -85,7 +85,11 @@ class TelemetrySettings(BaseModel):
     install_global_provider: bool = False
     """Make the provider we build the process-wide one (off: never take the slot from others)."""
     record_exception_messages: bool = True
-    """Put exception messages on spans; turn off when hooks may raise with secrets in them."""
+    """Put exception messages on spans, span statuses and log lines; turn off when hooks may
+    raise with secrets in them (then only the error's type is recorded)."""
+    client_error_messages: bool = False
+    """Send a failing request hook's exception message to the HTTP client. Off (default): the
+    client sees which callback and hook failed and the error's type, never its message."""
 
     @field_validator("endpoint", "metrics_endpoint")
     @classmethod
