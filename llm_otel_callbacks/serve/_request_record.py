@@ -1,4 +1,5 @@
-"""One request's record, and what it writes into telemetry when the request ends.
+"""One request's record, what is read from its request and response, and what it writes into
+telemetry when the request ends.
 
 :class:`Record` is what the observer keeps per request; :class:`RequestTelemetry` turns a
 finished record into span attributes, the span's end and the GenAI metrics. Recording never
@@ -7,6 +8,7 @@ raises: the telemetry path never fails a request.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
@@ -15,6 +17,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span, SpanContext, Status, StatusCode
 
 from .. import catalog
+from .._request_hooks import ResponseError
 from ..telemetry.providers import Telemetry
 from .hook_kwargs import RequestKwargs
 
@@ -162,3 +165,34 @@ def sampling_attributes(request: Any, attrs: dict[str, Any]) -> None:
     top_p = values.get("top_p")
     if isinstance(top_p, (int, float)):
         attrs[catalog.A_GENAI_TOP_P] = float(top_p)
+
+
+def prompt_of(op: str, request: Any) -> Any:
+    """``prompt`` of ``on_llm_start``: chat messages, the completion prompt, embedding input."""
+    if op == "chat":
+        return getattr(request, "messages", None)
+    if op == "completions":
+        return getattr(request, "prompt", None)
+    return getattr(request, "input", None)
+
+
+def api_key_id(raw: Any) -> str | None:
+    """A short digest of the bearer token: enough to tell keys apart, never the key."""
+    headers = getattr(raw, "headers", None)
+    if not headers:
+        return None
+    value = headers.get("authorization") or headers.get("Authorization")
+    if not value:
+        return None
+    token = value.split(" ", 1)[1] if value.lower().startswith("bearer ") else value
+    return hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+
+
+def response_error(item: Any) -> ResponseError:
+    """The error an engine ``ErrorResponse`` carries (message, code, type)."""
+    info = getattr(item, "error", None)
+    return ResponseError(
+        str(getattr(info, "message", "error")),
+        status_code=int(getattr(info, "code", 500) or 500),
+        error_type=str(getattr(info, "type", None) or "ErrorResponse"),
+    )

@@ -20,7 +20,6 @@ per-request record and the metrics and span endings it produces are in :mod:`._r
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -46,7 +45,15 @@ from .._request_hooks import (
 from ..composite import ChildHookError
 from ..telemetry.providers import Telemetry
 from . import _sse
-from ._request_record import Labels, Record, RequestTelemetry, sampling_attributes
+from ._request_record import (
+    Labels,
+    Record,
+    RequestTelemetry,
+    api_key_id,
+    prompt_of,
+    response_error,
+    sampling_attributes,
+)
 from ._sse import CONTENT, DONE, DONE_ITEM, ERROR, USAGE, kind_of, sse_error
 from .hook_kwargs import (
     LLMEndKwargs,
@@ -153,7 +160,7 @@ class RequestObserver:
         rec.trace_id = format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None
         rec.kwargs = start_kwargs(
             model=self.model, request_id=request_id, trace_id=rec.trace_id, stream=rec.stream,
-            operation=op, user=getattr(request, "user", None), api_key_id=_api_key_id(raw),
+            operation=op, user=getattr(request, "user", None), api_key_id=api_key_id(raw),
             request=request,
         )
         return rec
@@ -174,7 +181,7 @@ class RequestObserver:
         """Run ``on_llm_start``; returns an error response to send instead, or None."""
         assert rec.kwargs is not None
         try:
-            await self._hooks(rec, ON_START, self.hooks.start, _prompt_of(rec.op, request),
+            await self._hooks(rec, ON_START, self.hooks.start, prompt_of(rec.op, request),
                               rec.kwargs)
         except RequestRejected as rejection:
             return await self._reject(rec, rejection)
@@ -230,7 +237,7 @@ class RequestObserver:
                     yield item
                     continue
                 if isinstance(item, self._error_types):
-                    error = _response_error(item)
+                    error = response_error(item)
                     await self._fail(rec, error, error.error_type, status=error.status_code)
                     yield item
                     continue
@@ -290,7 +297,7 @@ class RequestObserver:
             async for item in gen:
                 if item.__class__ is not str:  # an error (or a response) instead of a stream
                     if not rec.done and isinstance(item, self._error_types):
-                        error = _response_error(item)
+                        error = response_error(item)
                         await self._fail(rec, error, error.error_type, status=error.status_code)
                     yield item
                     continue
@@ -449,36 +456,6 @@ class RequestObserver:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _prompt_of(op: str, request: Any) -> Any:
-    """``prompt`` of ``on_llm_start``: chat messages, the completion prompt, embedding input."""
-    if op == "chat":
-        return getattr(request, "messages", None)
-    if op == "completions":
-        return getattr(request, "prompt", None)
-    return getattr(request, "input", None)
-
-
-def _api_key_id(raw: Any) -> str | None:
-    """A short digest of the bearer token: enough to tell keys apart, never the key."""
-    headers = getattr(raw, "headers", None)
-    if not headers:
-        return None
-    value = headers.get("authorization") or headers.get("Authorization")
-    if not value:
-        return None
-    token = value.split(" ", 1)[1] if value.lower().startswith("bearer ") else value
-    return hashlib.sha256(token.strip().encode()).hexdigest()[:16]
-
-
-def _response_error(item: Any) -> ResponseError:
-    info = getattr(item, "error", None)
-    return ResponseError(
-        str(getattr(info, "message", "error")),
-        status_code=int(getattr(info, "code", 500) or 500),
-        error_type=str(getattr(info, "type", None) or "ErrorResponse"),
-    )
 
 
 async def _close(gen: Any) -> None:
