@@ -2,9 +2,12 @@
 summaries of the values for span events.
 
 A snapshot holds, per ctx field and ``custom_data`` key, the value's identity, a ``repr``
-fingerprint (which catches in-place edits; it is compared, never emitted) and the value.
-Summaries never carry a secret: fields whose name hints at one, and ``runtime_env``, are shown
-by length, and ``env_vars`` by name only.
+fingerprint (which catches in-place edits; it is compared, never emitted), the value, and for a
+mutable container its summary at that moment (the "old" side of an in-place edit).
+Summaries never carry a secret: ``custom_data`` values (anything a callback put there: a token,
+a mirror URL with a password) are shown by type, size and keys only; typed fields keep their
+values (a download policy, a placement group id), except fields whose name hints at a secret
+and ``runtime_env``, shown by length, with ``env_vars`` by name only.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from .adapters import CTX_FIELDS
 
 _SECRET_HINTS = ("key", "token", "secret", "password", "passwd", "auth", "credential")
 
-Entry = tuple[int, str, Any]  # (identity, fingerprint, value)
+Entry = tuple[int, str, Any, "str | None"]  # (identity, fingerprint, value, summary then)
 Snapshot = dict[str, Entry]
 
 #: The value of a field or key that was not there (before it was added, after it was removed).
@@ -32,15 +35,24 @@ class Change(typing.NamedTuple):
     value: Any  # the new value itself (MISSING when removed)
 
 
+_CONTAINERS = (dict, list, set, bytearray)
+
+
 def snapshot(ctx: Any) -> Snapshot:
-    """(identity, fingerprint, value) of every ctx field and custom_data key."""
+    """(identity, fingerprint, value, summary) of every ctx field and custom_data key."""
     snap: Snapshot = {}
     for field in CTX_FIELDS:
-        value = getattr(ctx, field)
-        snap[field] = (id(value), _fingerprint(value), value)
+        snap[field] = _entry(field, getattr(ctx, field))
     for key, value in ctx.custom_data.items():
-        snap[f"custom_data[{key}]"] = (id(value), _fingerprint(value), value)
+        field = f"custom_data[{key}]"
+        snap[field] = _entry(field, value)
     return snap
+
+
+def _entry(field: str, value: Any) -> Entry:
+    # A container may be edited in place: its summary now is the only "old" side later.
+    then = summary(field, value) if isinstance(value, _CONTAINERS) else None
+    return (id(value), _fingerprint(value), value, then)
 
 
 def diff(before: Snapshot, after: Snapshot) -> list[Change]:
@@ -74,12 +86,12 @@ def _old_value(old: Entry | None, new: Entry | None) -> Any:
     if old is None:
         return MISSING
     if new is not None and old[0] == new[0]:
-        # Edited in place: the object now holds the new value; only the fingerprint is old.
-        return _Fingerprint(old[1])
+        # Edited in place: the object now holds the new value; its summary then is the old.
+        return _Summary(old[3] if old[3] is not None else f"<{type(old[2]).__name__}>")
     return old[2]
 
 
-class _Fingerprint:
+class _Summary:
     def __init__(self, text: str) -> None:
         self.text = text
 
@@ -88,13 +100,10 @@ def summary(field: str, value: Any) -> str:
     """A short, secret-safe description of a ctx value for a span event."""
     if value is MISSING:
         return "<absent>"
-    if isinstance(value, _Fingerprint):
-        text = value.text
-        if text == "None":
-            return text
-        if any(h in field.lower() for h in _SECRET_HINTS) or field == "runtime_env":
-            return f"<{len(text)} chars>"
-        return text if len(text) <= 64 else text[:61] + "..."
+    if isinstance(value, _Summary):
+        return value.text
+    if field.startswith("custom_data["):
+        return _shape(value)
     if value is None or isinstance(value, (bool, int, float)):
         return repr(value)
     name = getattr(value, "name", None)
@@ -113,4 +122,16 @@ def summary(field: str, value: Any) -> str:
         if len(value) <= 32 and not any(h in field.lower() for h in _SECRET_HINTS):
             return repr(value)
         return f"str(len={len(value)})"
+    return f"<{type(value).__name__}>"
+
+
+def _shape(value: Any) -> str:
+    """Type, size and keys, never contents: what a callback keeps in custom_data is unknown."""
+    if value is None:
+        return "None"
+    if isinstance(value, dict):
+        keys = ", ".join(sorted(str(k)[:32] for k in value)[:8])
+        return f"dict({len(value)} keys: {keys})"
+    if isinstance(value, (str, bytes, bytearray, list, tuple, set, frozenset)):
+        return f"{type(value).__name__}(len={len(value)})"
     return f"<{type(value).__name__}>"

@@ -31,7 +31,7 @@ def test_an_in_place_edit_is_seen_through_the_fingerprint():
     ctx.custom_data["slot"]["b"] = 2  # same object, new content
     (change,) = diff(before, snapshot(ctx))
     assert change.field == "custom_data[slot]"
-    assert change.old == "{'a': 1}"
+    assert change.old == "dict(1 keys: a)"  # its summary when the snapshot was taken
     assert change.new == "dict(2 keys: a, b)"
 
 
@@ -43,8 +43,8 @@ def test_added_and_removed_keys_are_absent_on_one_side_in_field_order():
     ctx.custom_data["added"] = "v"
     changes = diff(before, snapshot(ctx))
     assert [(c.field, c.old, c.new) for c in changes] == [
-        ("custom_data[added]", "<absent>", "'v'"),
-        ("custom_data[gone]", "1", "<absent>"),
+        ("custom_data[added]", "<absent>", "str(len=1)"),
+        ("custom_data[gone]", "<int>", "<absent>"),
     ]
     assert changes[1].value is MISSING
 
@@ -74,3 +74,28 @@ def test_summaries_of_plain_values_enums_and_objects():
     assert summary("f", "ok") == "'ok'"
     assert summary("f", Mode.TOKENIZER_ONLY) == "TOKENIZER_ONLY"
     assert summary("f", object()) == "<object>"
+
+
+def test_custom_data_values_are_shown_by_type_size_and_keys_only():
+    """A child editing its slot in place used to show the old dict's repr (a planted hf_token
+    in full); a plain string under a harmless key (a mirror URL with a password) as is."""
+    token, password = "hf_PLANTEDtokenAbc123", "s3cr3t-pw"
+    ctx = CallbackCtx()
+    ctx.custom_data["slot"] = {"hf_token": token, "n": 1}
+    ctx.custom_data["mirror"] = "m"
+    before = snapshot(ctx)
+    ctx.custom_data["slot"]["seen"] = True  # in place
+    ctx.custom_data["mirror"] = f"https://user:{password}@mirror.example/models"
+    ctx.custom_data["numbers"] = [4, 8, 15]
+    changes = {c.field: (c.old, c.new) for c in diff(before, snapshot(ctx))}
+    assert changes == {
+        "custom_data[mirror]": ("str(len=1)", "str(len=44)"),
+        "custom_data[numbers]": ("<absent>", "list(len=3)"),
+        "custom_data[slot]": ("dict(2 keys: hf_token, n)", "dict(3 keys: hf_token, n, seen)"),
+    }
+    assert token not in repr(changes) and password not in repr(changes)
+    # Typed fields keep their values: they are what the change log is for.
+    before = snapshot(ctx)
+    ctx.run_init_node = False
+    (change,) = diff(before, snapshot(ctx))
+    assert (change.old, change.new) == ("True", "False")
