@@ -101,3 +101,32 @@ def test_missing_prometheus_fails_where_ci_requires_it(tmp_path: Path,
     monkeypatch.setenv(prometheus_support.REQUIRE_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="CI must run"):
         prometheus_support.require_prometheus()
+
+
+def test_the_demo_removes_only_what_it_created(tmp_path: Path) -> None:
+    """``demo --dir DIR`` used to remove DIR/ray, DIR/auth_token and DIR/prometheus even
+    when they were there before it ran."""
+    from llm_otel_callbacks.demo.local_ray import RayRun, make_sandbox
+    from llm_otel_callbacks.demo.report import prometheus_workdir
+
+    mine = {"ray/keep.txt": "a", "auth_token": "users-own-token", "prometheus/data": "b"}
+    for name, text in mine.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    sandbox = make_sandbox(tmp_path, "token", None)
+    assert sandbox.root != tmp_path and sandbox.root.parent == tmp_path  # a private subfolder
+    assert Path(sandbox.env["RAY_AUTH_TOKEN_PATH"]).read_text() != "users-own-token"
+    sandbox.ray_temp.mkdir(parents=True)  # what Ray would make
+    (sandbox.ray_temp / "session").write_text("x")
+    workdir = prometheus_workdir(tmp_path)
+    assert workdir != tmp_path / "prometheus"
+    RayRun(sandbox=sandbox, runtime_env={}, clean=True)._drop_files()
+    for name, text in mine.items():
+        assert (tmp_path / name).read_text() == text, name
+    assert not sandbox.root.exists()
+    # In an empty folder it makes (and so removes) the usual names.
+    fresh = make_sandbox(tmp_path / "fresh", "token", None)
+    assert fresh.root == (tmp_path / "fresh").resolve()
+    fresh.ray_temp.mkdir(parents=True)
+    RayRun(sandbox=fresh, runtime_env={}, clean=True)._drop_files()
+    assert sorted(p.name for p in fresh.root.iterdir()) == []

@@ -78,23 +78,35 @@ class Sandbox:
     owned_short_dir: Path | None  # created under /tmp when root is too long; removed at the end
     env: dict[str, str]
     run_id: str  # the marker variable's value
+    #: What make_sandbox created in the caller's folder; only these are ever removed.
+    created: list[Path] = field(default_factory=list)
+    token: Path | None = None
 
 
 def make_sandbox(
     folder: Path, auth: AuthMode = "token", extra_env: Mapping[str, str] | None = None
 ) -> Sandbox:
-    """Make the folder (and a short /tmp dir if needed) and the env for a Ray living there."""
+    """Make the folder (and a short /tmp dir if needed) and the env for a Ray living there.
+
+    Nothing already in ``folder`` is used or removed: when ``ray``, ``ray-temp`` or
+    ``auth_token`` is there already (a user's own, or another run's), the sandbox goes in a
+    private subfolder it creates. :attr:`Sandbox.created` lists what it made."""
     root = Path(folder).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    created: list[Path] = []
+    if any(os.path.lexists(root / name) for name in ("ray", "ray-temp", "auth_token")):
+        root = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+        created.append(root)
     base = root
     owned: Path | None = None
     if len(str(root / "ray")) > _MAX_TEMP_LEN:
         owned = Path(tempfile.mkdtemp(prefix="llmotel-", dir="/tmp"))
         base = owned
         link = root / "ray-temp"
-        if link.is_symlink() or link.exists():
-            _remove_path(link)
         link.symlink_to(owned)  # so the logs can be found from the folder
+        created.append(link)
+    else:
+        created.append(root / "ray")  # Ray makes it; it was not there
     run_id = secrets.token_hex(8)
     env = {
         "RAY_TMPDIR": str(base),  # Ray's default temp dir for code that ignores _temp_dir
@@ -102,15 +114,17 @@ def make_sandbox(
         "RAY_USAGE_STATS_ENABLED": "0",
         MARKER_VAR: run_id,
     }
+    token: Path | None = None
     if auth == "token":
         token = root / "auth_token"
-        if not token.exists():
-            token.write_text(secrets.token_hex(16))
-        token.chmod(0o600)
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(16))
+        created.append(token)
         env["RAY_AUTH_TOKEN_PATH"] = str(token)
     env.update(extra_env or {})
     return Sandbox(root=root, ray_temp=base / "ray", owned_short_dir=owned, env=env,
-                   run_id=run_id)
+                   run_id=run_id, created=created, token=token)
 
 
 _RunT = TypeVar("_RunT", bound="RayRun")
@@ -185,19 +199,23 @@ class RayRun:
 
     def _drop_files(self) -> None:
         root, short = self.sandbox.root, self.sandbox.owned_short_dir
+        created = self.sandbox.created
         if short is not None:
             link = root / "ray-temp"
-            if link.is_symlink():
+            if link in created and link.is_symlink():
                 link.unlink()
             if not self.clean:  # keep the logs with the folder (pytest keeps that)
                 with contextlib.suppress(OSError):
                     shutil.copytree(short / "ray" / "session_latest" / "logs",
                                     root / "ray-logs", symlinks=True, dirs_exist_ok=True)
             shutil.rmtree(short, ignore_errors=True)
-        if self.clean:
-            shutil.rmtree(self.sandbox.ray_temp, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                (root / "auth_token").unlink()
+        if self.clean:  # only what make_sandbox created, newest first
+            for path in reversed(created):
+                if path.is_symlink() or path.is_file():
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def __enter__(self: _RunT) -> _RunT:
         return self
@@ -264,13 +282,6 @@ def start_local_ray(
         run.shutdown()
         raise
     return run
-
-
-def _remove_path(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _marked_processes(run_id: str) -> list[int]:

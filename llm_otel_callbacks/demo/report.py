@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -115,14 +115,23 @@ def show_dashboards(console: Console, files: list[Path]) -> None:
     console.say("  must scrape Ray's metrics export port on every node (above).")
 
 
+def prometheus_workdir(folder: Path) -> Path:
+    """A folder of Prometheus's own: one already there (the user's, or a past run's) is
+    neither used nor removed."""
+    workdir = folder / "prometheus"
+    if os.path.lexists(workdir):
+        return Path(tempfile.mkdtemp(prefix="prometheus-", dir=folder))
+    workdir.mkdir(parents=True)
+    return workdir
+
+
 def start_prometheus_for(console: Console, folder: Path, ray_run: LocalRay,
                       scrape_s: float) -> PrometheusServer | None:
     console.heading("Prometheus")
     if find_binary("prometheus") is None:
         console.say(f"  prometheus is not installed; {INSTALL_HINT}")
         return None
-    workdir = folder / "prometheus"
-    shutil.rmtree(workdir, ignore_errors=True)
+    workdir = prometheus_workdir(folder)
     server = start_prometheus([f"127.0.0.1:{ray_run.metrics_port}"], workdir,
                               scrape_interval_s=scrape_s)
     console.say(f"  {server.url}  scraping {ray_run.metrics_url} every {scrape_s:g}s")
