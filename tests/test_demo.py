@@ -156,6 +156,14 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     table = out.split("Phases (Timing):", 1)[1].split("\n\n", 1)[0]
     for phase in catalog.TIMING_PHASES:
         assert re.search(rf"^  {phase} +\d+\.\d+s", table, re.M), (phase, table)
+    # Where engine start goes: its phases from vLLM's processes, and the share they explain.
+    explained = re.search(r"Where engine start goes \(\d+\.\ds; the phases below explain "
+                          r"(\d+)% of it\)", out)
+    assert explained and int(explained.group(1)) >= 80, out[-4000:]
+    for role, phase in (("engine core", catalog.PHASE_ENGINE_CORE_BOOT),
+                        ("worker 0", catalog.PHASE_WORKER_WEIGHTS_LOAD),
+                        ("replica", catalog.PHASE_ENGINE_CONFIG)):
+        assert f"{phase} [{role}]" in out, (role, phase)  # in the waterfall, under engine start
     for step in range(1, 8):
         assert f"[{step}/7]" in out
     # It is the trace in the spans file, which the demo says where to find.

@@ -164,7 +164,9 @@ def dep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
     tmp = tmp_path_factory.mktemp("serve-e2e")
     record = tmp / "hooks.jsonl"
     with OtlpHttpReceiver() as rx:
-        env = {**VLLM_CPU_ENV, _OTLP_ENV: rx.endpoint}
+        # vLLM's own request tracing on too (its OTLP/HTTP exporter to the same receiver).
+        env = {**VLLM_CPU_ENV, _OTLP_ENV: rx.endpoint,
+               "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
         run = start_local_ray(tmp / "ray", num_cpus=4, env=env)
         try:
             port = free_port()
@@ -210,6 +212,8 @@ def dep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
                 tiny_model_dir,
                 model_id=MODEL,
                 env=env,
+                # vLLM's own request tracing on, exporting to the same receiver.
+                engine_kwargs={"otlp_traces_endpoint": rx.endpoint.rstrip("/") + "/v1/traces"},
                 server_cls="llm_otel_callbacks.serve.ObservedLLMServer",
                 callback_config={
                     "callback_class": "llm_otel_callbacks.Composite",
@@ -416,6 +420,29 @@ def test_request_spans_follow_genai_conventions_and_join_serves_trace(dep: Deplo
     assert parent.trace_id == span.trace_id and parent.scope_name != span.scope_name
 
 
+def test_vllm_request_span_is_a_child_of_our_request_span(dep: Deployment):
+    """vLLM's request tracing is on (otlp_traces_endpoint): its llm_request span, with queue,
+    prefill and decode times, hangs under our request span, which hangs under Serve's."""
+    resp = dep.post("/v1/chat/completions", _chat_body())
+    assert resp.status_code == 200
+    dep.usages.append(resp.json()["usage"])
+    request_id = resp.headers["x-request-id"]
+
+    def both(spans: list[ReceivedSpan]) -> bool:
+        ours = [s for s in spans if s.attributes.get(catalog.A_REQUEST_ID) == request_id]
+        return bool(ours) and any(s.parent_span_id == ours[0].span_id for s in spans)
+
+    spans = dep.rx.wait_for_spans(both, timeout=20)
+    ours = next(s for s in spans if s.attributes.get(catalog.A_REQUEST_ID) == request_id)
+    (engine,) = [s for s in spans if s.parent_span_id == ours.span_id]
+    assert engine.name == "llm_request" and engine.trace_id == ours.trace_id
+    assert request_id in engine.attributes["gen_ai.request.id"]  # vLLM's id for the request
+    for key in ("gen_ai.latency.time_in_queue", "gen_ai.latency.time_in_model_prefill",
+                "gen_ai.latency.time_in_model_decode"):
+        assert engine.attributes[key] >= 0, key
+    assert ours.parent_span_id  # and ours is under Serve's ingress span
+
+
 def test_streaming_span_has_progress_events(dep: Deployment):
     request_id, _ = dep.stream("/v1/chat/completions", _chat_body())
     (end,) = _wait_records(dep, "on_llm_end", request_id)
@@ -561,13 +588,17 @@ def test_engine_phases_from_vllm_processes_join_the_startup_trace(dep: Deploymen
     assert by_role == ENGINE_PHASES_VLLM_0_29_CPU
     assert len(phases) == sum(len(v) for v in ENGINE_PHASES_VLLM_0_29_CPU.values())
     vllm_pids = {
-        s.resource_attributes["process.pid"] for s in phases
+        s.attributes[catalog.A_PID] for s in phases
         if s.attributes[catalog.A_ENGINE_ROLE] != catalog.ROLE_REPLICA
     }
     assert len(vllm_pids) >= 2 and replica_pid not in vllm_pids  # engine core + worker
-    for s in phases:  # each vLLM process exported its own spans
+    for s in phases:  # each vLLM process exported its own spans (vLLM's tracing is on here,
+        # so they went through the provider vLLM installed there, which is reused)
         if s.attributes[catalog.A_ENGINE_ROLE] != catalog.ROLE_REPLICA:
-            assert s.attributes[catalog.A_PID] == s.resource_attributes["process.pid"]
+            resource = s.resource_attributes
+            assert s.attributes[catalog.A_PID] == int(
+                resource.get("process.pid", resource.get("vllm.process_id", -1))
+            )
     workers = [s for s in phases if s.attributes[catalog.A_ENGINE_ROLE] == catalog.ROLE_WORKER]
     assert {s.attributes[catalog.A_ENGINE_RANK] for s in workers} == {0}
     (weights,) = [s for s in workers

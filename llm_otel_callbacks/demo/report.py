@@ -16,7 +16,13 @@ from .._promql import VLLM_SUCCESS
 from .console import Console
 from .local_ray import LocalRay
 from .prometheus import INSTALL_HINT, PrometheusServer, find_binary, start_prometheus
-from .waterfall import StartupTrace, phase_table, read_spans, render_waterfall
+from .waterfall import (
+    StartupTrace,
+    engine_start_lines,
+    phase_table,
+    read_spans,
+    render_waterfall,
+)
 
 
 def show_waterfall(console: Console, startup: StartupTrace) -> None:
@@ -29,9 +35,12 @@ def show_waterfall(console: Console, startup: StartupTrace) -> None:
     console.say("Phases (Timing):")
     for phase, node, seconds, outcome in phase_table(startup):
         where = f" on node {node}" if node else ""
-        console.say(f"  {phase:<22} {seconds:7.2f}s  {outcome}{where}")
+        console.say(f"  {phase:<26} {seconds:7.2f}s  {outcome}{where}")
     outcome = "error" if startup.root.failed else "ok"
-    console.say(f"  {catalog.PHASE_TOTAL:<22} {startup.root.seconds:7.2f}s  {outcome}")
+    console.say(f"  {catalog.PHASE_TOTAL:<26} {startup.root.seconds:7.2f}s  {outcome}")
+    console.say()
+    for line in engine_start_lines(startup):  # where engine start goes, inside vLLM
+        console.say(line)
 
 
 def show_spans(console: Console, spans_path: Path) -> None:

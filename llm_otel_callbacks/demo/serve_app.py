@@ -36,17 +36,18 @@ def tiny_llm_config(
     env: Mapping[str, str],
     model_id: str = MODEL_ID,
     deployment_config: Mapping[str, Any] | None = None,
+    engine_kwargs: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> Any:
     """Ray's ``LLMConfig`` for the tiny model: one CPU replica (``deployment_config`` is merged
     over that), one ingress replica, ``env`` in the replica's runtime_env; ``extra`` goes to
-    ``LLMConfig`` (e.g. ``server_cls``)."""
+    ``LLMConfig`` (e.g. ``server_cls``); ``engine_kwargs`` are merged over the tiny model's."""
     from ray.serve.llm import LLMConfig
 
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": str(model_dir)},
         placement_group_config={"bundles": [{"CPU": 1}]},
-        engine_kwargs=dict(ENGINE_KWARGS),
+        engine_kwargs={**ENGINE_KWARGS, **(engine_kwargs or {})},
         deployment_config={"num_replicas": 1, **(deployment_config or {})},
         experimental_configs={"num_ingress_replicas": 1},
         runtime_env={"env_vars": dict(env)},

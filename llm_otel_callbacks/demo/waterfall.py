@@ -100,8 +100,17 @@ class StartupTrace:
         return str(self.root.attributes.get(catalog.A_MODEL, "?"))
 
     def phases(self) -> list[Span]:
-        """Timing's phase spans, in start order."""
-        found = [s for s in self.spans if s.name.startswith(catalog.SPAN_PHASE_PREFIX)]
+        """Timing's phase spans, in start order (not the engine-start phases)."""
+        found = [s for s in self.spans if s.name.startswith(catalog.SPAN_PHASE_PREFIX)
+                 and catalog.A_ENGINE_ROLE not in s.attributes]
+        return sorted(found, key=lambda s: s.start_ns)
+
+    def engine_start(self) -> Span | None:
+        return next((s for s in self.spans if s.name == catalog.SPAN_ENGINE_START), None)
+
+    def engine_phases(self) -> list[Span]:
+        """The engine-start phases (vLLM's processes and the replica's side), in start order."""
+        found = [s for s in self.spans if catalog.A_ENGINE_ROLE in s.attributes]
         return sorted(found, key=lambda s: s.start_ns)
 
     def phase_names(self) -> set[str]:
@@ -131,6 +140,8 @@ def _label(span: Span) -> str:
     name = span.name
     if name == catalog.SPAN_STARTUP:
         return "replica startup"
+    if name.startswith(catalog.SPAN_PHASE_PREFIX) and catalog.A_ENGINE_ROLE in span.attributes:
+        return f"{name[len(catalog.SPAN_PHASE_PREFIX):]} [{engine_role(span)}]"
     if name.startswith(catalog.SPAN_PHASE_PREFIX):
         label = "phase " + name[len(catalog.SPAN_PHASE_PREFIX):]
         node = span.attributes.get(catalog.A_NODE_ID)
@@ -230,3 +241,42 @@ def phase_table(trace: StartupTrace) -> list[tuple[str, str, float, str]]:
         outcome = str(span.attributes.get(catalog.A_OUTCOME, "error" if span.failed else "ok"))
         out.append((phase, node, span.seconds, outcome))
     return out
+
+
+def engine_role(span: Span) -> str:
+    """``replica``, ``engine core`` or ``worker <rank>``."""
+    role = str(span.attributes.get(catalog.A_ENGINE_ROLE, ""))
+    if role == catalog.ROLE_WORKER:
+        return f"worker {span.attributes.get(catalog.A_ENGINE_RANK, '?')}"
+    return role.replace("_", " ")
+
+
+def engine_breakdown(trace: StartupTrace) -> tuple[Span, list[Span], float] | None:
+    """(engine-start span, its phases, the share of it they explain), or None without them."""
+    from ..vllm_plugin._replica import Interval, coverage
+
+    engine = trace.engine_start()
+    phases = trace.engine_phases()
+    if engine is None or not phases:
+        return None
+    share = coverage([Interval(s.name, s.start_ns, s.end_ns) for s in phases],
+                     engine.start_ns, engine.end_ns)
+    return engine, phases, share
+
+
+def engine_start_lines(trace: StartupTrace) -> list[str]:
+    """Where engine start goes: its phases inside vLLM's processes, and how much they explain."""
+    found = engine_breakdown(trace)
+    if found is None:
+        return ["Where engine start goes: no phases from vLLM's processes in this trace (is the "
+                "vllm.general_plugins entry point installed?)"]
+    engine, phases, share = found
+    lines = [f"Where engine start goes ({engine.seconds:.1f}s; the phases below explain "
+             f"{share:.0%} of it):"]
+    for span in phases:
+        phase = span.name[len(catalog.SPAN_PHASE_PREFIX):]
+        start = (span.start_ns - engine.start_ns) / 1e9
+        flag = "  error" if span.failed else ""
+        lines.append(f"  {engine_role(span):<12} {phase:<26} +{start:6.2f}s "
+                     f"{span.seconds:7.2f}s{flag}")
+    return lines

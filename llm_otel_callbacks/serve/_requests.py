@@ -55,6 +55,7 @@ from ._request_record import (
     sampling_attributes,
 )
 from ._sse import CONTENT, DONE, DONE_ITEM, ERROR, USAGE, kind_of, sse_error
+from ._trace_headers import with_trace_headers
 from .hook_kwargs import (
     LLMEndKwargs,
     RequestKwargs,
@@ -94,8 +95,11 @@ class RequestObserver:
         error_types: tuple[type, ...],
         record_exception_messages: bool = True,
         client_error_messages: bool = False,
+        trace_into_engine: bool = False,
     ) -> None:
         self.model = model
+        #: vLLM traces requests too: hand it our request span as the parent (_trace_headers).
+        self.trace_into_engine = trace_into_engine
         self.provider = provider
         self.hooks = hooks
         self._tracer = tel.tracer
@@ -129,6 +133,8 @@ class RequestObserver:
         except Exception as exc:  # the telemetry path never fails a request
             logger.warning("llm_otel_callbacks: request not observed: %s", exc)
             return method(request, raw)  # type: ignore[return-value]
+        if self.trace_into_engine:
+            raw = with_trace_headers(raw, rec.span)
         if rec.stream:
             return self._observe_stream(rec, method, request, raw)
         return self._observe_once(rec, method, request, raw)

@@ -32,6 +32,7 @@ from ..telemetry.providers import Telemetry
 from ._engine import ObservedEngine, engine_error_types, make_error_response, provider_of
 from ._engine_start import EngineStart
 from ._requests import RequestObserver
+from ._trace_headers import vllm_traces_requests
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ class ObservedLLMServer(LLMServer):  # type: ignore[misc,valid-type]
             raise
         await phase.ready()
         if self.engine is not None:
-            observer = _request_observer(callback, model, tel, self.engine)
+            observer = _request_observer(
+                callback, model, tel, self.engine, vllm_traces_requests(self._llm_config)
+            )
             if observer is not None:
                 self.engine = ObservedEngine(self.engine, observer)
 
@@ -109,7 +112,7 @@ def request_observer(
 
 
 def _request_observer(
-    callback: Any, model: str, tel: Telemetry, engine: Any
+    callback: Any, model: str, tel: Telemetry, engine: Any, trace_into_engine: bool = False
 ) -> RequestObserver | None:
     """The per-replica observer, or None when there is nothing to do per request."""
     settings = getattr(callback, "telemetry_settings", tel.settings)
@@ -126,4 +129,5 @@ def _request_observer(
         error_types=engine_error_types(),
         record_exception_messages=settings.record_exception_messages,
         client_error_messages=settings.client_error_messages,
+        trace_into_engine=trace_into_engine,
     )
