@@ -209,6 +209,19 @@ PHASE_NODE_INIT = "node_init"
 PHASE_DOWNLOAD_TASK_START = "download_task_start"
 """``on_before_node_init`` -> the download hook starting on one node (task scheduling, worker
 start, imports, unpickling); labelled with that node."""
+PHASE_DOWNLOAD_TASK_SCHEDULING = "download_task_scheduling"
+"""Part of ``download_task_start``: ``on_before_node_init`` -> the raylet launches a worker
+process for the download task (scheduling the task). Only when the task got a new worker."""
+PHASE_DOWNLOAD_TASK_WORKER_START = "download_task_worker_start"
+"""Part of ``download_task_start``: the worker process launched -> Ray's worker main imported
+``ray`` (interpreter and Ray imports). Only when the task got a new worker."""
+PHASE_DOWNLOAD_TASK_IMPORTS = "download_task_imports"
+"""Part of ``download_task_start``: Ray's worker main running -> the download hook (connecting,
+receiving the task, importing its function with vLLM, unpickling the LLMConfig). Only when the
+task got a new worker."""
+DOWNLOAD_TASK_PHASES = (
+    PHASE_DOWNLOAD_TASK_SCHEDULING, PHASE_DOWNLOAD_TASK_WORKER_START, PHASE_DOWNLOAD_TASK_IMPORTS,
+)
 PHASE_ENGINE_START = "engine_start"
 """``on_before_engine_start`` -> ``on_after_engine_start``, when a server wrapper calls them."""
 PHASE_TOTAL = "total"

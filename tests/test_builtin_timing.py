@@ -256,3 +256,28 @@ def test_subclass_adds_its_own_phase(
         ray_local.metrics_url, PHASE_COUNT,
         lambda ss: bool(select(ss, phase="storage_probe", node=ray_local.node_id)), timeout=60,
     )
+
+
+def test_download_task_start_split_from_ray_worker_mains_times(monkeypatch: Any) -> None:
+    """Ray's default_worker main keeps --worker-launch-time-ms (args) and
+    worker_launched_time_ms: the task's own process reads them."""
+    import sys
+    import types
+
+    from llm_otel_callbacks.builtin.timing import download_task_parts
+
+    main = types.ModuleType("__main__")
+    main.args = types.SimpleNamespace(worker_launch_time_ms=2_000)  # type: ignore[attr-defined]
+    main.worker_launched_time_ms = 5_000.0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    ms = 1_000_000
+    assert download_task_parts(1_000 * ms, 9_000 * ms) == [
+        (catalog.PHASE_DOWNLOAD_TASK_SCHEDULING, 1_000 * ms, 2_000 * ms),
+        (catalog.PHASE_DOWNLOAD_TASK_WORKER_START, 2_000 * ms, 5_000 * ms),
+        (catalog.PHASE_DOWNLOAD_TASK_IMPORTS, 5_000 * ms, 9_000 * ms),
+    ]
+    # A worker launched before node init began (prestarted, reused): nothing to split.
+    assert download_task_parts(3_000 * ms, 9_000 * ms) == []
+    # Not Ray's worker main (e.g. pytest's): nothing.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    assert download_task_parts(1_000 * ms, 9_000 * ms) == []

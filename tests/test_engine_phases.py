@@ -42,6 +42,7 @@ def test_vllm_0_29_has_every_point_the_engine_phases_hook():
     assert {m for _, _, m, _ in WORKER_NESTED_POINTS} == {"__call__", "capture_model"}
     assert callable(VllmBackend.__call__) and callable(GPUModelRunner.capture_model)
     assert callable(EngineCore._initialize_kv_caches) and callable(EngineCoreProc.run_busy_loop)
+    assert callable(EngineCoreProc.process_input_sockets)
     assert callable(Executor.__init__)
     # The call sites the role comes from: vLLM loads its plugins there, with these locals.
     init_worker = inspect.getsource(WorkerWrapperBase.init_worker)
@@ -121,12 +122,13 @@ def test_entry_point_is_inert_and_cheap_without_the_replicas_request(tmp_path: P
 # --- real engine starts in their own processes ----------------------------------------------------
 
 
-def _probe(*args: str, timeout: float = 600) -> dict[str, Any]:
+def _probe(*args: str, kv_cache_gib: str = "1", timeout: float = 600) -> dict[str, Any]:
     out = Path(args[2])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "VLLM_CPU_KVCACHE_SPACE": kv_cache_gib}
     proc = subprocess.run([sys.executable, "-m", "tests._support.engine_probe", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.exists(), proc.stderr[-4000:]
+    assert out.exists(), proc.stderr[-8000:]
     result: dict[str, Any] = json.loads(out.read_text())
     result["stderr"] = proc.stderr
     return result
@@ -151,19 +153,11 @@ def test_failed_start_with_two_workers_names_the_failing_phase(tiny_model_dir: P
     """Tensor parallel 2 on the CPU build, with more KV cache asked for than the machine has:
     both workers fail profiling memory for it. Each worker's phases appear once, with its
     rank; the failing ones end with an error status; the engine start names the phase."""
-    old = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "100000"  # GiB
-    try:
-        with OtlpHttpReceiver() as rx:
-            r = _probe("replica", str(tiny_model_dir), str(tmp_path / "failed.json"),
-                       rx.endpoint, "2")
-            engine = _wait_engine(rx)
-            spans = rx.wait_for_spans(lambda ss: _phase_count(ss, engine) >= 12, 30)
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_CPU_KVCACHE_SPACE")
-        else:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = old
+    with OtlpHttpReceiver() as rx:
+        r = _probe("replica", str(tiny_model_dir), str(tmp_path / "failed.json"),
+                   rx.endpoint, "2", kv_cache_gib="100000")
+        engine = _wait_engine(rx)
+        spans = rx.wait_for_spans(lambda ss: _phase_count(ss, engine) >= 12, 30)
     assert r["error"] and r["failed_phase"] == catalog.PHASE_WORKER_KV_PROFILE, r
     assert engine.attributes[catalog.A_FAILED_PHASE] == catalog.PHASE_WORKER_KV_PROFILE
     phases = [s for s in spans if s.parent_span_id == engine.span_id]

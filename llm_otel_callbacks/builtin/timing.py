@@ -28,6 +28,7 @@ clock offset between the two machines (small with NTP; never negative here).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
@@ -201,6 +202,8 @@ class Timing(RayServeLLMCallback):
             return
         node = this_node_id()
         seconds = self.record_phase(catalog.PHASE_DOWNLOAD_TASK_START, started, now, node=node)
+        for name, start_ns, end_ns in download_task_parts(started, now):
+            self.record_phase(name, start_ns, end_ns, node=node)
         logger.info(
             "Timing: model '%s': download task on node %s started %.1fs after node init began",
             self.model_id, short_id(node), seconds,
@@ -266,3 +269,30 @@ class Timing(RayServeLLMCallback):
             self.metric(catalog.REPLICAS_STARTING).add((self.model_id,), delta)
         except Exception as exc:
             say(logger, logging.WARNING, f"Timing: replicas_starting gauge not updated: {exc}")
+
+
+def download_task_parts(started_ns: int, hook_ns: int) -> list[tuple[str, int, int]]:
+    """``download_task_start`` split in the task's own process: (phase, start, end).
+
+    Ray's worker main (``ray/_private/workers/default_worker.py``, this process's ``__main__``)
+    keeps the time the raylet launched it (``--worker-launch-time-ms``) and the time its own
+    imports were done (``worker_launched_time_ms``). Empty when the task ran in a worker that
+    existed before node init began (a reused or prestarted one: nothing of it was this
+    startup's) or when Ray's worker main does not keep those times.
+    """
+    try:
+        main = sys.modules.get("__main__")
+        launch_ms = float(getattr(getattr(main, "args", None), "worker_launch_time_ms", -1))
+        launched_ms = float(getattr(main, "worker_launched_time_ms", -1))
+    except (TypeError, ValueError):
+        return []
+    launch, launched = int(launch_ms * 1e6), int(launched_ms * 1e6)
+    if launch_ms <= 0 or launched_ms <= 0:
+        return []
+    if launch < started_ns or not launch <= launched <= hook_ns:
+        return []
+    return [
+        (catalog.PHASE_DOWNLOAD_TASK_SCHEDULING, started_ns, launch),
+        (catalog.PHASE_DOWNLOAD_TASK_WORKER_START, launch, launched),
+        (catalog.PHASE_DOWNLOAD_TASK_IMPORTS, launched, hook_ns),
+    ]

@@ -69,13 +69,16 @@ def _install_engine_core(
         setup["token"] = recorder.begin(catalog.PHASE_ENGINE_CORE_SETUP)
 
     def ready(_: Any) -> None:
-        recorder.end(setup.pop("token", None))
+        recorder.end(setup.pop("token", None))  # the first of the two points ends it
 
     if core_class is None or not _wrap(recorder, core_class, "_initialize_kv_caches",
                                        catalog.PHASE_ENGINE_KV_CACHE, after=kv_done):
         missing.append(catalog.PHASE_ENGINE_KV_CACHE)
-    # The serving loop starts once the engine core is ready (EngineCoreProc.run_busy_loop).
-    if core_class is None or not _hook_entry(core_class, "run_busy_loop", ready):
+    # Ready: the input thread starts, connects and tells the replica (READY goes out right
+    # after); the serving loop (run_busy_loop) follows. Either point ends the setup phase.
+    hooked = [core_class is not None and _hook_entry(core_class, point, ready)
+              for point in ("process_input_sockets", "run_busy_loop")]
+    if not any(hooked):
         missing.append(catalog.PHASE_ENGINE_CORE_SETUP)
 
 

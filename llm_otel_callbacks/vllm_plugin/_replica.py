@@ -111,13 +111,23 @@ class EnginePhases:
         """The engine start ended (``error`` when it failed); never raises."""
         try:
             self._restore_environment()
-            if error is not None:
-                time.sleep(_FAILED_GRACE_S)
             self.reports = receive_all(self._sock)
+            # A failed start: processes may still be exiting (their last reports on the way).
+            # A good one: the engine core's ready report left before its READY message, but
+            # datagrams and messages are not ordered with each other.
+            deadline = time.monotonic() + (_FAILED_GRACE_S if error is not None else 0.2)
+            while time.monotonic() < deadline and (error is not None or not self._ready_seen()):
+                time.sleep(0.02)
+                self.reports += receive_all(self._sock)
             self._sock.close()
             self._account(end_ns, error)
         except Exception as exc:
             logger.debug("engine phases not accounted: %s", exc)
+
+    def _ready_seen(self) -> bool:
+        """True once the engine core reported ready, or when there is no engine core."""
+        phases = {r.phase for r in self.reports if r.end_ns is not None}
+        return catalog.PHASE_ENGINE_CORE_SETUP in phases or not self.reports
 
     def _account(self, end_ns: int, error: BaseException | None) -> None:
         ended = [r for r in self.reports if r.end_ns is not None]
