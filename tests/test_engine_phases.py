@@ -194,3 +194,60 @@ def _wait_engine(rx: OtlpHttpReceiver) -> ReceivedSpan:
 def _phase_count(spans: list[ReceivedSpan], engine: ReceivedSpan) -> int:
     time.sleep(0)  # the predicate runs under the receiver's lock; keep it cheap
     return sum(1 for s in spans if s.parent_span_id == engine.span_id)
+
+
+# --- the replica's accounting, from reports (no vLLM) ---------------------------------------------
+
+
+def test_replica_accounts_reports_names_the_failed_phase_and_restores_its_environment(
+    tmp_path: Path,
+):
+    from llm_otel_callbacks.demo.waterfall import read_spans
+    from llm_otel_callbacks.telemetry import TelemetrySettings
+    from llm_otel_callbacks.telemetry.providers import Telemetry
+    from llm_otel_callbacks.vllm_plugin._replica import EnginePhases
+    from llm_otel_callbacks.vllm_plugin._wire import (
+        ENV_CONFIG,
+        ENV_TRACEPARENT,
+        EngineEnv,
+        PhaseReport,
+        Reporter,
+    )
+
+    spans_file = tmp_path / "spans.jsonl"
+    tel = Telemetry(TelemetrySettings(traces_file=str(spans_file), metrics_backend="none"))
+    try:
+        t0 = time.time_ns()
+        span = tel.tracer.start_span(catalog.SPAN_ENGINE_START, start_time=t0)
+        phases = EnginePhases.open("m", tel, span, t0)
+        assert phases is not None
+        env = EngineEnv.from_environ()  # what vLLM's processes inherit
+        assert env is not None and env.model == "m" and os.environ[ENV_TRACEPARENT]
+        s = 1_000_000_000
+        reporter = Reporter(env.report_port)
+        for report in (
+            PhaseReport(catalog.PHASE_ENGINE_CORE_BOOT, catalog.ROLE_ENGINE_CORE, 11,
+                        t0 + s // 10, t0 + 2 * s),
+            PhaseReport(catalog.PHASE_WORKER_WEIGHTS_LOAD, catalog.ROLE_WORKER, 12,
+                        t0 + 2 * s, None, rank=0),  # begun, never ended: the worker died
+            PhaseReport(catalog.PHASE_ENGINE_WORKERS_START, catalog.ROLE_ENGINE_CORE, 11,
+                        t0 + 2 * s, t0 + 3 * s, error="RuntimeError: worker died"),
+        ):
+            reporter.send(report)
+        phases.close(t0 + 4 * s, RuntimeError("engine core initialization failed"))
+        span.end(end_time=t0 + 4 * s)
+    finally:
+        tel.shutdown()
+    assert ENV_CONFIG not in os.environ and ENV_TRACEPARENT not in os.environ
+    # The worker's phase left open is more precise than the engine core's that waited for it.
+    assert phases.failed_phase == catalog.PHASE_WORKER_WEIGHTS_LOAD
+    by_name = {sp.name: sp for sp in read_spans(spans_file)}
+    config = by_name[catalog.SPAN_PHASE_PREFIX + catalog.PHASE_ENGINE_CONFIG]
+    assert config.end_ns == t0 + s // 10 and not config.failed  # until the engine core began
+    stand_in = by_name[catalog.SPAN_PHASE_PREFIX + catalog.PHASE_WORKER_WEIGHTS_LOAD]
+    assert stand_in.failed and stand_in.attributes[catalog.A_PID] == 12
+    assert stand_in.attributes[catalog.A_ENGINE_RANK] == 0
+    assert catalog.SPAN_PHASE_PREFIX + catalog.PHASE_ENGINE_FRONTEND_READY not in by_name
+    engine = by_name[catalog.SPAN_ENGINE_START]
+    assert engine.attributes[catalog.A_FAILED_PHASE] == catalog.PHASE_WORKER_WEIGHTS_LOAD
+    assert engine.attributes[catalog.A_PHASE_COVERAGE] == 1.0  # 0-0.1-2-3-4 s, all covered

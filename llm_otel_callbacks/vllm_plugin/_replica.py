@@ -92,12 +92,10 @@ class EnginePhases:
             ENV_TRACESTATE: carrier.get("tracestate"),
         }
         for key in _ENV_KEYS:
-            self._saved[key] = os.environ.get(key)
             value = values[key]
-            if value:
+            if value:  # no span context of ours: a TRACEPARENT set by someone else stays
+                self._saved[key] = os.environ.get(key)
                 os.environ[key] = value
-            else:
-                os.environ.pop(key, None)
 
     def _restore_environment(self) -> None:
         for key, value in self._saved.items():
@@ -159,6 +157,7 @@ class EnginePhases:
         # A phase a process began but never reported ending: the process died in it.
         for r in still_open:
             self._stand_in(r, end_ns)
+            intervals.append(Interval(r.phase, r.start_ns, end_ns))
         if error is not None and self.failed_phase is None:
             self.failed_phase = _failed_phase(ended, still_open)
         self.coverage = coverage(intervals, self.started_ns, end_ns)
@@ -219,16 +218,19 @@ class EnginePhases:
 
 
 def _failed_phase(ended: list[PhaseReport], still_open: list[PhaseReport]) -> str | None:
-    """The phase a failed start died in: the first to end with an error, else one left open."""
+    """The phase a failed start died in. A worker's phase is more precise than the engine
+    core's phase that waited for it; one that ended with an error, than one left open (its
+    process was killed in it); among several, the earliest to fail."""
     failed = sorted((r for r in ended if r.error), key=lambda r: r.end_ns or 0)
-    # A worker's own phase is more precise than the engine core's phase that waited for it.
-    for r in failed:
-        if r.role == catalog.ROLE_WORKER:
-            return r.phase
-    if failed:
-        return failed[0].phase
-    if still_open:
-        return max(still_open, key=lambda r: r.start_ns).phase
+    left = sorted(still_open, key=lambda r: -r.start_ns)
+    for candidates in (
+        [r for r in failed if r.role == catalog.ROLE_WORKER],
+        [r for r in left if r.role == catalog.ROLE_WORKER],
+        failed,
+        left,
+    ):
+        if candidates:
+            return candidates[0].phase
     return None
 
 
