@@ -56,8 +56,9 @@ def _spans() -> list[Any]:
         with tracer.start_as_current_span("root", kind=SpanKind.SERVER, attributes={
             "s": "text é", "i": 7, "neg": -3, "b": False, "f": 1.25, "empty": "",
             "ss": ["a", "b"], "ii": [1, 2], "ff": [0.5], "bb": [True, False],
+            "n": 3, "ok": True,  # as on the resource: the same pair under another field tag
         }) as root:
-            root.add_event("ev", {"k": "v", "n": 1})
+            root.add_event("ev", {"k": "v", "n": 3})
             root.add_event("bare")
             root.set_status(Status(StatusCode.ERROR, "it failed"))
             with other.start_as_current_span("child", kind=SpanKind.CLIENT,

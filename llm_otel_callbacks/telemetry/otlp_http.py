@@ -91,7 +91,9 @@ class SpanEncoder:
     """Encodes SDK spans into an ``ExportTraceServiceRequest`` (bytes), caching what repeats."""
 
     def __init__(self) -> None:
-        self._attrs: dict[tuple[str, type, Any], bytes] = {}
+        # Keyed by the field tag too: a resource and a span encode the same attribute under
+        # different tags (ray.node_id, process.pid are on both).
+        self._attrs: dict[tuple[bytes, str, type, Any], bytes] = {}
         self._resources: dict[int, tuple[Any, bytes]] = {}
         self._scopes: dict[int, tuple[Any, bytes]] = {}
 
@@ -103,7 +105,7 @@ class SpanEncoder:
         for key, value in attributes.items():
             kind = type(value)
             if kind is str or kind is int or kind is bool:
-                ck = (key, kind, value)
+                ck = (tag, key, kind, value)
                 field = cache.get(ck)
                 if field is None:
                     field = _ld(tag, _key_value(key, value))
