@@ -127,9 +127,14 @@ EXPORT_FAILURES = MetricSpec(
     "llm_callback_telemetry_export_failures", "counter", "1",
     "Spans dropped, by reason: export_failed (the collector refused, failed or timed out), "
     "backoff (skipped while backing off from a failing collector), queue_full (the export "
-    "queue was full: a slow or hanging collector), shutdown (left at exit).",
+    "queue was full: a slow or hanging collector), shutdown (left at exit); sink_failed "
+    "counts sinks that could not be set up (an unwritable traces_file, a taken "
+    "prometheus_port), each once, with signal traces or metrics: the others still work.",
     (L_SIGNAL, L_REASON),
 )
+
+#: EXPORT_FAILURES reason: a sink (exporter or metrics backend) that could not be set up.
+REASON_SINK_FAILED = "sink_failed"
 
 CORE_METRICS: tuple[MetricSpec, ...] = (HOOK_DURATION, HOOK_CALLS, EXPORT_FAILURES)
 BUILTIN_METRICS: tuple[MetricSpec, ...] = (

@@ -97,3 +97,67 @@ def test_settings_never_show_header_values() -> None:
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
 
 
+
+
+# --- one bad sink never silences the rest; an installed provider says what it ignores ----------
+
+
+def test_one_bad_sink_leaves_the_others_exporting(tmp_path: Path) -> None:
+    """An unwritable traces_file and a taken prometheus_port (two processes on one node) used
+    to disable OTLP traces and metrics as well. Now each is dropped alone, and counted."""
+    import socket
+
+    from llm_otel_callbacks import catalog
+    from tests._support.otlp_receiver import OtlpHttpReceiver
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    with OtlpHttpReceiver() as rx:
+        settings = TelemetrySettings.resolve({
+            "endpoint": rx.endpoint, "traces_file": str(blocker / "spans.jsonl"),
+            "metrics_backend": "prometheus", "prometheus_port": taken.getsockname()[1],
+            "otlp_metrics": True, "metric_export_interval_ms": 200, "schedule_delay_ms": 10,
+        }, environ={})
+        tel = Telemetry(settings)
+        try:
+            assert sorted(tel.failed_sinks) == [("metrics", "prometheus"),
+                                                ("traces", "traces_file")]
+            tel.tracer.start_span("still-exported").end()
+            tel.force_flush(5)
+            assert rx.wait_for_span("still-exported", timeout=10)
+            name = catalog.EXPORT_FAILURES.name
+            metrics = rx.wait_for_metric(name, timeout=10)
+            reasons = {(p["attributes"]["signal"], p["attributes"]["reason"])
+                       for m in metrics for p in m.points}
+            assert {("traces", "sink_failed"), ("metrics", "sink_failed")} <= reasons
+        finally:
+            tel.shutdown()
+            taken.close()
+
+
+def test_an_installed_provider_warns_once_that_our_sinks_are_unused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from llm_otel_callbacks.telemetry import providers
+
+    installed = TracerProvider()
+    monkeypatch.setattr(providers.trace, "get_tracer_provider", lambda: installed)
+    settings = _settings(str(tmp_path / "spans.jsonl"), endpoint="http://127.0.0.1:9")
+    caplog.set_level("WARNING")
+    for _ in range(2):
+        tel = Telemetry(settings)
+        assert tel.tracer_provider is installed
+        tel.shutdown()
+    warnings = [r.getMessage() for r in caplog.records if "already installed" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "endpoint and traces_file" in warnings[0]
+    assert "reuse_installed_provider: false" in warnings[0]
+    off = _settings(str(tmp_path / "own.jsonl"), reuse_installed_provider=False)
+    tel = Telemetry(off)
+    try:
+        assert tel.tracer_provider is not installed
+    finally:
+        tel.shutdown()

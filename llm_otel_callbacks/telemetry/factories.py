@@ -88,11 +88,29 @@ def _grpc_no_retry() -> Any:
 
 
 def span_exporters(
-    settings: TelemetrySettings, on_drop: Any, sessions: list[Any]
+    settings: TelemetrySettings, on_drop: Any, sessions: list[Any],
+    on_failed: Any = None,
 ) -> list[Any]:
-    from .export import GuardedSpanExporter, OtlpJsonFileSpanExporter
-
+    """One guarded exporter per configured sink. Each is built on its own: one that cannot be
+    built (an unwritable traces_file) is left out and reported to ``on_failed(sink, error)``;
+    the others still export."""
     exporters: list[Any] = []
+    for sink, build in (("endpoint", _endpoint_exporter), ("traces_file", _file_exporter)):
+        try:
+            exporter = build(settings, on_drop, sessions)
+        except Exception as exc:
+            if on_failed is None:
+                raise
+            on_failed(sink, exc)
+            continue
+        if exporter is not None:
+            exporters.append(exporter)
+    return exporters
+
+
+def _endpoint_exporter(settings: TelemetrySettings, on_drop: Any, sessions: list[Any]) -> Any:
+    from .export import GuardedSpanExporter
+
     if settings.endpoint:
         if settings.protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
@@ -125,12 +143,18 @@ def span_exporters(
                     headers=_headers(settings) or None,
                     timeout=settings.export_timeout_s,
                 )
-        exporters.append(GuardedSpanExporter(inner, on_drop, session=session))
-    if settings.traces_file:
-        file_exporter = OtlpJsonFileSpanExporter(
-            settings.traces_file, max_bytes=int(settings.traces_file_max_mib * 1024 * 1024))
-        exporters.append(GuardedSpanExporter(file_exporter, on_drop))
-    return exporters
+        return GuardedSpanExporter(inner, on_drop, session=session)
+    return None
+
+
+def _file_exporter(settings: TelemetrySettings, on_drop: Any, sessions: list[Any]) -> Any:
+    from .export import GuardedSpanExporter, OtlpJsonFileSpanExporter
+
+    if not settings.traces_file:
+        return None
+    file_exporter = OtlpJsonFileSpanExporter(
+        settings.traces_file, max_bytes=int(settings.traces_file_max_mib * 1024 * 1024))
+    return GuardedSpanExporter(file_exporter, on_drop)
 
 
 def metric_exporter(settings: TelemetrySettings, sessions: list[Any]) -> Any:

@@ -57,12 +57,22 @@ class Telemetry:
         self.prometheus_port: int | None = None
         # Set when metrics go to two backends (local + OTLP): recorded once, fanned out.
         self.metric_pipe: Any = None
+        #: (signal, sink) of every sink that could not be set up; the others still work.
+        self.failed_sinks: list[tuple[str, str]] = []
         if not settings.enabled:
             self.tracer: Tracer = NoOpTracer()
             return
         self.tracer = self._make_tracer()
         self.backends = self._make_backends()
         atexit.register(self.shutdown)
+        for signal, _ in self.failed_sinks:  # counted once the backends exist
+            self.recorder(catalog.EXPORT_FAILURES).add((signal, catalog.REASON_SINK_FAILED))
+
+    def _sink_failed(self, signal: str, sink: str, error: BaseException) -> None:
+        """One exporter or backend could not be set up: it alone is left out, and said once."""
+        self.failed_sinks.append((signal, sink))
+        logger.warning("llm_otel_callbacks: %s sink '%s' disabled, the others still work: "
+                       "%s: %s", signal, sink, type(error).__name__, error)
 
     # --- traces ---------------------------------------------------------------------------
 
@@ -73,6 +83,7 @@ class Telemetry:
         installed = trace.get_tracer_provider()
         if settings.reuse_installed_provider and isinstance(installed, SdkTracerProvider):
             self.tracer_provider = installed
+            _warn_sinks_unused(settings)
             return installed.get_tracer(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
         if not settings.exports_traces:
             # Nothing would receive the spans: do not pay for recording them.
@@ -84,7 +95,11 @@ class Telemetry:
         )
         from .export import SpanQueueProcessor
 
-        for exporter in factories.span_exporters(settings, self._count_dropped, self._sessions):
+        exporters = factories.span_exporters(
+            settings, self._count_dropped, self._sessions,
+            on_failed=lambda sink, exc: self._sink_failed("traces", sink, exc),
+        )
+        for exporter in exporters:
             processor = SpanQueueProcessor(
                 exporter,
                 on_drop=self._count_dropped,
@@ -110,16 +125,24 @@ class Telemetry:
         choice = settings.metrics_backend
         if choice == "auto":
             choice = "ray" if _in_ray() else "prometheus"
-        if choice == "ray":
-            backends.append(RayBackend())
-        elif choice == "prometheus":
-            prom = PrometheusBackend(port=settings.prometheus_port, host=settings.prometheus_host)
-            self.prometheus_port = prom.port
-            backends.append(prom)
+        # Each backend on its own: a taken prometheus_port must not silence OTLP or Ray.
+        try:
+            if choice == "ray":
+                backends.append(RayBackend())
+            elif choice == "prometheus":
+                prom = PrometheusBackend(port=settings.prometheus_port,
+                                         host=settings.prometheus_host)
+                self.prometheus_port = prom.port
+                backends.append(prom)
+        except Exception as exc:
+            self._sink_failed("metrics", choice, exc)
         if settings.exports_otlp_metrics:
-            meter = self._make_meter()
-            if meter is not None:
-                backends.append(OtelBackend(meter))
+            try:
+                meter = self._make_meter()
+                if meter is not None:
+                    backends.append(OtelBackend(meter))
+            except Exception as exc:
+                self._sink_failed("metrics", "otlp", exc)
         if len(backends) > 1:
             from .metric_pipe import MetricPipe
 
@@ -363,3 +386,25 @@ def _process_attributes() -> dict[str, Any]:
         attrs[catalog.R_SERVE_DEPLOYMENT] = replica.deployment
         attrs[catalog.R_SERVE_REPLICA] = replica.replica_id
     return attrs
+
+
+_WARNED_INSTALLED: set[tuple[str | None, str | None]] = set()
+
+
+def _warn_sinks_unused(settings: TelemetrySettings) -> None:
+    """Spans go through the installed provider's own processors: our endpoint and traces_file
+    (and our bounded queue) are not used for them. Said once per configuration."""
+    key = (settings.endpoint, settings.traces_file)
+    if not (settings.endpoint or settings.traces_file) or key in _WARNED_INSTALLED:
+        return
+    _WARNED_INSTALLED.add(key)
+    unused = " and ".join(
+        name for name, value in (("endpoint", settings.endpoint),
+                                 ("traces_file", settings.traces_file)) if value
+    )
+    logger.warning(
+        "llm_otel_callbacks: a tracer provider is already installed (Ray Serve tracing, vLLM "
+        "or the application); spans go to its exporters, and the configured %s is not used "
+        "for them (nor our bounded export queue). Set reuse_installed_provider: false to "
+        "export spans there instead.", unused,
+    )
