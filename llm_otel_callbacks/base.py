@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from . import _sigterm, catalog
 from ._callers import call_async, call_sync
-from ._observe import HookObserver
+from ._observe import HookObserver, error_text
 from ._ray import CallbackBase, handle_callback_error, hook_method
 from ._validation import validate_kwargs
 from .catalog import MetricSpec
@@ -351,8 +351,15 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
             self.end_startup(error)
         elif hook == STARTUP_LAST_HOOK and not self._defer_startup_end:
             self.end_startup()
-        if error is not None:
-            handle_callback_error(self, hook, error)  # Ray's raise-or-log, unchanged
+        if error is None:
+            return
+        if not self.raise_error_on_callback and \
+                not self.telemetry_settings.record_exception_messages:
+            # Ray's log line would carry the message (a secret, maybe): the same line, typed.
+            logger.error("Error running callback method '%s' on %s: %s", hook,
+                         type(self).__name__, error_text(error, False))
+            return
+        handle_callback_error(self, hook, error)  # Ray's raise-or-log, unchanged
 
 
 def _end_span(span: Span, error: BaseException | str | None, record_message: bool) -> None:

@@ -201,3 +201,23 @@ def test_unknown_hook_keeps_rays_error() -> None:
     cb = AsyncHooks(llm_config=None, ctx_kwargs={})
     with pytest.raises(AttributeError, match="does not have method 'on_nothing'"):
         cb.run_callback_sync("on_nothing")
+
+
+def test_log_policy_hook_error_logs_no_message_when_messages_are_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ray's own log-policy line carried the exception message whatever the setting."""
+    from llm_otel_callbacks import RayServeLLMCallback
+
+    class Leaky(RayServeLLMCallback):
+        def on_before_node_init(self) -> None:
+            raise RuntimeError("token=sk-planted-77")
+
+    for record, shown in ((False, False), (True, True)):
+        caplog.clear()
+        cb = Leaky(llm_config=None, ctx_kwargs={}, raise_error_on_callback=False,
+                   telemetry={"record_exception_messages": record, "metrics_backend": "none"})
+        asyncio.run(cb.run_callback("on_before_node_init"))
+        assert "Error running callback method 'on_before_node_init'" in caplog.text
+        assert ("sk-planted-77" in caplog.text) is shown
+        assert shown or "RuntimeError" in caplog.text
