@@ -78,12 +78,22 @@ def _plain(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in ("request", "raw")}
 
 
+#: Planted in the strict child's errors: it must reach no client, span or log line.
+SECRET = "sk-live-PLANTED-4f9c2e"
+
+
 class StrictStart(RayServeLLMCallback):
-    """Raise policy: fails on_llm_start for user 'explode' (the request must fail)."""
+    """Raise policy: fails on_llm_start for user 'explode', a streamed chunk for
+    'explode-chunk' (the request must fail), with a billing URL and key in the message, as a
+    real callback might."""
 
     async def on_llm_start(self, prompt: Any, **kwargs: Any) -> None:
         if kwargs.get("user") == "explode":
-            raise RuntimeError("strict start refused")
+            raise RuntimeError(f"billing https://billing.example/charge?key={SECRET} refused")
+
+    def on_llm_stream_chunk(self, chunk: Any, **kwargs: Any) -> None:
+        if kwargs.get("user") == "explode-chunk":
+            raise PermissionError(f"quota service said no to key={SECRET}")
 
 
 class FlakyEnd(RayServeLLMCallback):
@@ -219,7 +229,9 @@ def dep(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Itera
                     "callback_class": "llm_otel_callbacks.Composite",
                     "callback_kwargs": {
                         "callbacks": children,
-                        "telemetry": {"endpoint": rx.endpoint, "schedule_delay_ms": 200},
+                        # Off: the planted secret must be in no exported span.
+                        "telemetry": {"endpoint": rx.endpoint, "schedule_delay_ms": 200,
+                                      "record_exception_messages": False},
                     },
                 },
             )
@@ -359,7 +371,47 @@ def test_raise_policy_fails_the_request_naming_child_and_hook(dep: Deployment):
     resp = dep.post("/v1/chat/completions", _chat_body(user="explode"))
     assert resp.status_code == 500
     message = resp.json()["error"]["message"]
-    assert "strict" in message and "on_llm_start" in message
+    assert message == "callback 'strict' failed in hook 'on_llm_start': RuntimeError"
+
+
+def test_a_hooks_exception_text_reaches_no_client_span_or_log(dep: Deployment):
+    """A raise-policy hook fails with a key in its message, in a plain request (at start)
+    and in a streamed one (on a chunk): the clients see callback, hook and error type only;
+    with record_exception_messages off, no exported span and no log line of the session has
+    it."""
+    resp = dep.post("/v1/chat/completions", _chat_body(user="explode"))
+    assert resp.status_code == 500, resp.text
+    assert resp.json()["error"]["message"] == (
+        "callback 'strict' failed in hook 'on_llm_start': RuntimeError")
+    request_id, payloads = dep.stream("/v1/chat/completions", _chat_body(user="explode-chunk"))
+    errors = [json.loads(p)["error"] for p in payloads if p.startswith('{"error"')]
+    assert [e["message"] for e in errors] == [
+        "callback 'strict' failed in hook 'on_llm_stream_chunk': PermissionError"], payloads
+    for body in (resp.text, "\n".join(payloads)):
+        assert SECRET not in body and "billing.example" not in body, body
+
+    def has_streamed_failure(spans: list[ReceivedSpan]) -> bool:
+        return any(s.attributes.get(catalog.A_REQUEST_ID) == request_id
+                   and s.status_code == "STATUS_CODE_ERROR" for s in spans)
+
+    spans = dep.rx.wait_for_spans(has_streamed_failure, timeout=30)
+    failed = [s for s in spans if s.attributes.get(catalog.A_REQUEST_ID) == request_id]
+    assert failed and failed[0].status_message == "hook_error"  # the type, not the message
+    leaks = [s.name for s in dep.rx.spans() if SECRET in repr(s)]
+    assert not leaks, leaks
+    logs = [p for p in dep.ray.logs_dir.rglob("*") if p.is_file()]
+    assert logs
+    leaked_logs = [p.name for p in logs if SECRET.encode() in p.read_bytes()]
+    assert not leaked_logs, leaked_logs
+
+
+def test_serve_runs_the_observed_server_named_by_its_dotted_path(dep: Deployment):
+    """server_cls given as the dotted path a YAML file holds: Serve deploys our server."""
+    from ray import serve
+
+    deployments = {name for app in serve.status().applications.values()
+                   for name in app.deployments}
+    assert f"ObservedLLMServer:{MODEL}" in deployments, deployments
 
 
 def test_embeddings_error_reaches_on_llm_error(dep: Deployment):
@@ -369,9 +421,9 @@ def test_embeddings_error_reaches_on_llm_error(dep: Deployment):
     request_id = resp.headers["x-request-id"]
     errors = _wait_records(dep, "on_llm_error", request_id)
     starts = dep.records("on_llm_start", request_id)
-    if starts:  # the request reached the server (not refused by the ingress)
-        assert starts[0]["operation"] == "embeddings"
-        assert errors and errors[0]["status_code"] == resp.status_code
+    # The request reached the server's hooks (the ingress did not refuse it on its own).
+    assert [s["operation"] for s in starts] == ["embeddings"], starts
+    assert len(errors) == 1 and errors[0]["status_code"] == resp.status_code, errors
 
 
 # --- spans ------------------------------------------------------------------------------------
