@@ -19,7 +19,10 @@ from .adapters import CTX_FIELDS
 
 _SECRET_HINTS = ("key", "token", "secret", "password", "passwd", "auth", "credential")
 
-Entry = tuple[int, str, Any, "str | None"]  # (identity, fingerprint, value, summary then)
+#: (type name, size, dict keys) of a container when the snapshot was taken: cheap to take,
+#: and turned into text only for a change that is reported.
+Shape = tuple[str, int, "tuple[Any, ...] | None"]
+Entry = tuple[int, str, Any, "Shape | None"]  # (identity, fingerprint, value, shape then)
 Snapshot = dict[str, Entry]
 
 #: The value of a field or key that was not there (before it was added, after it was removed).
@@ -50,8 +53,11 @@ def snapshot(ctx: Any) -> Snapshot:
 
 
 def _entry(field: str, value: Any) -> Entry:
-    # A container may be edited in place: its summary now is the only "old" side later.
-    then = summary(field, value) if isinstance(value, _CONTAINERS) else None
+    # A container may be edited in place: its shape now is the only "old" side later.
+    then: Shape | None = None
+    if isinstance(value, _CONTAINERS):
+        then = (type(value).__name__, len(value),
+                tuple(value) if isinstance(value, dict) else None)
     return (id(value), _fingerprint(value), value, then)
 
 
@@ -87,7 +93,8 @@ def _old_value(old: Entry | None, new: Entry | None) -> Any:
         return MISSING
     if new is not None and old[0] == new[0]:
         # Edited in place: the object now holds the new value; its summary then is the old.
-        return _Summary(old[3] if old[3] is not None else f"<{type(old[2]).__name__}>")
+        return _Summary(_shape_text(old[3]) if old[3] is not None
+                        else f"<{type(old[2]).__name__}>")
     return old[2]
 
 
@@ -123,6 +130,13 @@ def summary(field: str, value: Any) -> str:
             return repr(value)
         return f"str(len={len(value)})"
     return f"<{type(value).__name__}>"
+
+
+def _shape_text(shape: Shape) -> str:
+    kind, size, keys = shape
+    if keys is not None:
+        return f"{kind}({size} keys: {', '.join(sorted(str(k)[:32] for k in keys)[:8])})"
+    return f"{kind}(len={size})"
 
 
 def _shape(value: Any) -> str:
