@@ -161,3 +161,31 @@ def test_an_installed_provider_warns_once_that_our_sinks_are_unused(
         assert tel.tracer_provider is not installed
     finally:
         tel.shutdown()
+
+
+@pytest.mark.parametrize("record_messages", [True, False])
+def test_engine_start_span_status_obeys_record_exception_messages(record_messages: bool) -> None:
+    """The engine-start span's status carried the engine error's full message whatever the
+    setting."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from llm_otel_callbacks import Composite
+    from llm_otel_callbacks.serve._engine_start import EngineStart
+
+    callback = Composite(callbacks=[], telemetry={"record_exception_messages": record_messages,
+                                                  "metrics_backend": "none"})
+    tel = Telemetry(_settings("/dev/null"))
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        start = EngineStart(callback, "m", tel)
+        start.span = provider.get_tracer("t").start_span("engine start")
+        start._end(RuntimeError("could not reach https://hub.example/?token=hf_PLANTED"))
+        (span,) = exporter.get_finished_spans()
+        assert span.status.description is not None
+        assert span.status.description.startswith("RuntimeError")
+        assert ("hf_PLANTED" in span.status.description) is record_messages
+    finally:
+        tel.shutdown()
