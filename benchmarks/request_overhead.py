@@ -183,6 +183,76 @@ def micro(chunks: int, requests: int, repeat: int) -> dict[str, Any]:
     return out
 
 
+def micro_export(requests: int, repeat: int, chunks: int = 16) -> dict[str, Any]:
+    """Process CPU per request of the observer as deployed by default: our own provider and
+    lean OTLP/HTTP span export to a live receiver (its own process) on the default schedule,
+    the GenAI histograms in one backend (prometheus_client here; Ray's metrics in a replica),
+    TokenCounter, half the requests streamed (``chunks`` chunks). Each repeat times the bare
+    engine generator and the observed one alternately, on ``time.process_time`` (all threads:
+    the export thread's encoding and POSTs count), the observed side including its flush."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import (
+        ChatCompletionRequest,
+        ChatCompletionResponse,
+    )
+
+    from llm_otel_callbacks import Composite
+    from llm_otel_callbacks.serve.server import request_observer
+    from llm_otel_callbacks.telemetry import Telemetry, TelemetrySettings
+
+    engine = _Engine(chunks)
+    engine.response = ChatCompletionResponse.model_validate({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                     "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks},
+    })
+    receiver = _Receiver()
+    try:
+        time.sleep(2)
+        tel = Telemetry(TelemetrySettings.resolve(
+            {"endpoint": receiver.endpoint, "metrics_backend": "prometheus"}, environ={}))
+        observer = request_observer(
+            Composite(callbacks=["llm_otel_callbacks.builtin.Timing",
+                                 "llm_otel_callbacks.builtin.TokenCounter"]),
+            MODEL, engine, tel=tel)
+
+        def batch() -> list[Any]:
+            return [ChatCompletionRequest(model=MODEL, stream=i % 2 == 0, max_tokens=chunks,
+                                          messages=[{"role": "user", "content": "hi"}])
+                    for i in range(requests)]
+
+        async def bare(reqs: list[Any]) -> None:
+            for r in reqs:
+                await _drain(engine.chat(r))
+
+        async def observed(reqs: list[Any]) -> None:
+            for r in reqs:
+                await _drain(observer.observe("chat", engine.chat, r, None))
+
+        def cpu(run: Any, flush: Any) -> float:
+            reqs = batch()
+            gc.collect()
+            c0 = time.process_time()
+            asyncio.run(run(reqs))
+            flush()
+            return time.process_time() - c0
+
+        asyncio.run(observed(batch()[:4]))  # build telemetry and metric children
+        bare_s, obs_s = [], []
+        for _ in range(repeat):
+            bare_s.append(cpu(bare, lambda: None))
+            obs_s.append(cpu(observed, lambda: tel.force_flush(30)))
+        tel.shutdown()
+    finally:
+        received = receiver.stop()
+    diffs = sorted((o - b) / requests * 1e6 for o, b in zip(obs_s, bare_s, strict=True))
+    return {"requests": requests, "repeat": repeat, "chunks_per_stream": chunks,
+            "bare_us_per_request": min(bare_s) / requests * 1e6,
+            "observed_us_per_request": min(obs_s) / requests * 1e6,
+            "extra_us_per_request": (min(obs_s) - min(bare_s)) / requests * 1e6,
+            "extra_us_per_request_by_repeat": diffs, "spans_received": received}
+
+
 # --- part 2: serve ------------------------------------------------------------------------------
 
 SERVER_CLS = "benchmarks.same_engine_server.SameEngineServer"
@@ -696,6 +766,13 @@ def main() -> None:
         for name, case in m["cases"].items():
             print(f"{name}: +{case['us_per_chunk']:.3f} us/chunk, "
                   f"+{case['us_per_request']:.1f} us/request")
+        e = result["micro_export"] = micro_export(min(args.requests, 2_000), args.repeat)
+        print(f"TokenCounter, default export (OTLP/HTTP to a receiver), half streamed: "
+              f"+{e['extra_us_per_request']:.1f} us process CPU per request (best of "
+              f"{e['repeat']}: {e['observed_us_per_request']:.1f} vs bare "
+              f"{e['bare_us_per_request']:.1f}; per repeat "
+              f"{', '.join(f'{d:+.0f}' for d in e['extra_us_per_request_by_repeat'])}); spans "
+              f"received {e['spans_received']}", flush=True)
     if args.part in ("serve", "all"):
         result["serve"] = serve_bench(args.concurrency, args.seconds, args.cycles, args.warmup,
                                       args.max_tokens, args.engine_threads, args.out,

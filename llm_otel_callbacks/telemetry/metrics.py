@@ -97,10 +97,20 @@ class _RayRecorder:
                 spec.name, description=spec.description, tag_keys=spec.labels
             )
         self._kind = spec.kind
+        # Ray's public record re-merges and re-validates the tags on every call (~1.4 µs of
+        # ~4.4 µs here); ours are complete, checked str tuples built once per label set, so
+        # hand them to the Cython metric it wraps. Public path when that is not there.
+        inner: Any = getattr(self._metric, "_metric", None)
+        fast = (inner is not None and callable(getattr(inner, "record", None))
+                and not getattr(self._metric, "_discard_metric", True)
+                and not getattr(self._metric, "_default_tags", None))
+        self._record_raw = inner.record if fast else None
 
     def _tags_for(self, labels: Labels) -> dict[str, str]:
         tags = self._tags.get(labels)
         if tags is None:
+            if not all(isinstance(v, str) for v in labels):  # what Ray's public path checks
+                raise TypeError(f"metric tag values must be str, got {labels!r}")
             tags = self._tags[labels] = dict(zip(self._keys, labels, strict=True))
         return tags
 
@@ -111,11 +121,16 @@ class _RayRecorder:
                 current = self._gauge_values.get(labels, 0.0) + value
                 self._gauge_values[labels] = current
             self._metric.set(current, tags=self._tags_for(labels))
+        elif self._record_raw is not None and value > 0:
+            self._record_raw(value, tags=self._tags_for(labels))
         else:
             self._metric.inc(value, tags=self._tags_for(labels))
 
     def record(self, labels: Labels, value: float, exemplar: SpanContext | None = None) -> None:
-        self._metric.observe(value, tags=self._tags_for(labels))
+        if self._record_raw is not None:
+            self._record_raw(float(value), tags=self._tags_for(labels))
+        else:
+            self._metric.observe(value, tags=self._tags_for(labels))
 
 
 class RayBackend:
