@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 # vLLM plugin (vllm_plugin/, running in vLLM's own processes) and the catalog users never need.
 _EXPORTS = {
     "HookTimeoutError": "._callers",
+    "PoolFullError": "._callers",
+    "InitializeNodeOutput": ".adapters",
     "CallbackConfigError": "._validation",
     "Count": "._validation",
     "Number": "._validation",
@@ -26,8 +28,9 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from ._callers import HookTimeoutError
+    from ._callers import HookTimeoutError, PoolFullError
     from ._validation import CallbackConfigError, Count, Number
+    from .adapters import InitializeNodeOutput
     from .base import HookTarget, RayServeLLMCallback
     from .catalog import MetricSpec
     from .composite import ChildHookError, Composite, CompositeCallback
@@ -43,8 +46,10 @@ __all__ = [
     "Count",
     "HookTarget",
     "HookTimeoutError",
+    "InitializeNodeOutput",
     "MetricSpec",
     "Number",
+    "PoolFullError",
     "RayServeLLMCallback",
     "Recorder",
     "TelemetrySettings",

@@ -10,9 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+#: Worker threads one callback (or composite child) may hold for timed sync hooks. A hook
+#: that hangs past its timeout keeps its thread; once all are held, further calls fail at
+#: once as timeouts instead of starting more threads.
+POOL_WORKERS = 4
+
+Timeout = float | Mapping[str, float] | None
+"""``timeout_s`` as configured: seconds for every hook, or a mapping hook -> seconds."""
+
+
+def timeout_for(timeout_s: Timeout, hook: str) -> float | None:
+    """The timeout in force for ``hook`` (a mapping may name only some hooks)."""
+    if timeout_s is None or isinstance(timeout_s, (int, float)):
+        return timeout_s
+    value = timeout_s.get(hook)
+    return None if value is None else float(value)
 
 
 class HookTimeoutError(TimeoutError):
@@ -24,6 +41,74 @@ class HookTimeoutError(TimeoutError):
         self.timeout_s = timeout_s
 
 
+class PoolFullError(HookTimeoutError):
+    """Every worker of the callback's pool is still busy (hooks hanging past their timeout):
+    the call fails at once, as a timeout, rather than starting another thread."""
+
+    def __init__(self, hook: str, timeout_s: float, workers: int) -> None:
+        TimeoutError.__init__(
+            self,
+            f"hook '{hook}' not started: all {workers} worker threads of this callback are "
+            f"still running earlier calls that overran their timeout ({timeout_s:g}s)",
+        )
+        self.hook = hook
+        self.timeout_s = timeout_s
+
+
+class BoundedPool:
+    """Daemon worker threads for one callback's timed sync hooks, at most ``workers``.
+
+    Not ``concurrent.futures``: its threads are joined at interpreter exit, so a hook that
+    hangs would hang the process's exit. A worker is taken only when free (never queued
+    behind a hanging call); with none free the call fails fast. Per process, never pickled.
+    """
+
+    def __init__(self, workers: int = POOL_WORKERS) -> None:
+        self.workers = workers
+        self._free = threading.Semaphore(workers)
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._started = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    @property
+    def threads(self) -> int:
+        return self._started
+
+    def submit(self, job: Callable[[], None], hook: str, timeout_s: float) -> None:
+        """Run ``job`` on a worker; raises :class:`PoolFullError` when none is free."""
+        if not self._free.acquire(blocking=False):
+            raise PoolFullError(hook, timeout_s, self.workers)
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                self._free.release()
+
+        with self._lock:
+            spawn = self._idle == 0 and self._started < self.workers
+            if spawn:
+                self._started += 1
+            else:
+                self._idle -= 1
+        self._jobs.put(run)
+        if spawn:
+            threading.Thread(
+                target=self._work, name=f"llm-callback-{hook}", daemon=True
+            ).start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            job()
+            with self._lock:
+                self._idle += 1
+
+
+_DEFAULT_POOL = BoundedPool()
+
+
 def _loop_running() -> bool:
     try:
         asyncio.get_running_loop()
@@ -32,25 +117,32 @@ def _loop_running() -> bool:
     return True
 
 
-def _in_thread(fn: Callable[[], Any], hook: str, timeout_s: float | None) -> Any:
-    """Run ``fn`` on a daemon thread (with this context) and wait up to ``timeout_s``.
+def _in_thread(
+    fn: Callable[[], Any], hook: str, timeout_s: float | None, pool: BoundedPool | None = None
+) -> Any:
+    """Run ``fn`` on a worker thread (with this context) and wait up to ``timeout_s``.
 
-    A sync hook cannot be interrupted; on timeout it keeps running in the background and
-    the caller gets :class:`HookTimeoutError` at once.
+    A sync hook cannot be interrupted; on timeout it keeps running in the background (holding
+    its worker) and the caller gets :class:`HookTimeoutError` at once. Without a pool (an
+    async hook called from a thread whose loop is busy) a thread of its own is used.
     """
     box: dict[str, Any] = {}
     ctx = contextvars.copy_context()
+    done = threading.Event()
 
     def target() -> None:
         try:
             box["value"] = ctx.run(fn)
         except BaseException as exc:
             box["error"] = exc
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=target, name=f"llm-callback-{hook}", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
+    if pool is None or timeout_s is None:
+        threading.Thread(target=target, name=f"llm-callback-{hook}", daemon=True).start()
+    else:
+        pool.submit(target, hook, timeout_s)
+    if not done.wait(timeout_s):
         raise HookTimeoutError(hook, timeout_s or 0.0)
     if "error" in box:
         raise box["error"]
@@ -66,8 +158,12 @@ async def _bounded(awaitable: Any, hook: str, timeout_s: float | None) -> Any:
         raise HookTimeoutError(hook, timeout_s) from None
 
 
-def call_sync(fn: Callable[..., Any], hook: str, timeout_s: float | None, *args: Any) -> Any:
-    """Call a hook from sync code; an async hook is run to completion (never dropped)."""
+def call_sync(
+    fn: Callable[..., Any], hook: str, timeout_s: float | None, *args: Any,
+    pool: BoundedPool | None = None,
+) -> Any:
+    """Call a hook from sync code; an async hook is run to completion (never dropped). A
+    timed sync hook runs on ``pool`` (the callback's own; a shared one if None)."""
     if inspect.iscoroutinefunction(fn):
         if _loop_running():
             # This thread's loop is busy running us: give the coroutine a loop of its own.
@@ -79,15 +175,17 @@ def call_sync(fn: Callable[..., Any], hook: str, timeout_s: float | None, *args:
     if timeout_s is None:
         result = fn(*args)
     else:
-        result = _in_thread(lambda: fn(*args), hook, timeout_s)
+        result = _in_thread(lambda: fn(*args), hook, timeout_s, pool or _DEFAULT_POOL)
     if inspect.isawaitable(result):  # e.g. a partial of an async function
         return call_sync(lambda: _await(result), hook, timeout_s)
     return result
 
 
-def _on_daemon_thread(fn: Callable[..., Any], hook: str, *args: Any) -> asyncio.Future[Any]:
-    """Run a sync hook on its own daemon thread. Not the loop's executor: a hook that
-    overran its timeout would hold an executor thread and make loop shutdown wait for it."""
+def _on_pool(
+    pool: BoundedPool, timeout_s: float, fn: Callable[..., Any], hook: str, *args: Any
+) -> asyncio.Future[Any]:
+    """Run a sync hook on the callback's pool. Not the loop's executor: a hook that overran
+    its timeout would hold an executor thread and make loop shutdown wait for it."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
     ctx = contextvars.copy_context()
@@ -110,7 +208,7 @@ def _on_daemon_thread(fn: Callable[..., Any], hook: str, *args: Any) -> asyncio.
         except RuntimeError:
             pass  # the loop is gone: nobody waits for this hook any more
 
-    threading.Thread(target=target, name=f"llm-callback-{hook}", daemon=True).start()
+    pool.submit(target, hook, timeout_s)
     return future
 
 
@@ -118,15 +216,20 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-async def call_async(fn: Callable[..., Any], hook: str, timeout_s: float | None, *args: Any) -> Any:
-    """Call a hook from async code; a sync hook with a timeout runs on a worker thread."""
+async def call_async(
+    fn: Callable[..., Any], hook: str, timeout_s: float | None, *args: Any,
+    pool: BoundedPool | None = None,
+) -> Any:
+    """Call a hook from async code; a sync hook with a timeout runs on ``pool`` (the
+    callback's own bounded workers; a shared pool if None)."""
     if inspect.iscoroutinefunction(fn):
         return await _bounded(fn(*args), hook, timeout_s)
     if timeout_s is None:
         # Ray calls sync hooks inline on the loop; keep that (no thread hop) when unbounded.
         result = fn(*args)
     else:
-        result = await _bounded(_on_daemon_thread(fn, hook, *args), hook, timeout_s)
+        future = _on_pool(pool or _DEFAULT_POOL, timeout_s, fn, hook, *args)
+        result = await _bounded(future, hook, timeout_s)
     if inspect.isawaitable(result):
         return await _bounded(result, hook, timeout_s)
     return result

@@ -124,7 +124,32 @@ CallbackBase: Any = _api.CallbackBase
 CallbackConfig: Any = _api.CallbackConfig
 CallbackCtx: Any = _api.CallbackCtx
 
+# Upstream's public CallbackBase subclasses the internal one, and Ray's own callbacks (its
+# CloudDownloader among them) are built on the internal class: accept both.
+def _bases() -> tuple[type, ...]:
+    found: list[type] = [CallbackBase]
+    try:
+        from ray.llm._internal.common.callbacks.base import CallbackBase as internal
+
+        found.append(internal)
+    except ImportError:  # a Ray that dropped the internal module
+        pass
+    try:
+        from ray.serve.llm.callbacks import (  # type: ignore[attr-defined,unused-ignore]
+            CallbackBase as public,
+        )
+
+        found.append(public)
+    except ImportError:  # Ray 2.60 has no public module
+        pass
+    return tuple(dict.fromkeys(found))
+
+
+CALLBACK_BASES: tuple[type, ...] = _bases()
+"""Every class a Ray-style callback may derive from (public and internal)."""
+
 __all__ = [
+    "CALLBACK_BASES",
     "TESTED_RAY_VERSIONS",
     "CallbackBase",
     "CallbackConfig",

@@ -31,7 +31,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from . import catalog
-from ._callers import call_async
+from ._callers import BoundedPool, call_async, timeout_for
 from ._observe import error_text, outcome_of
 from .adapters import REQUEST_HOOKS as REQUEST_HOOKS
 from .base import HookTarget
@@ -133,6 +133,7 @@ class BoundHook:
     is_async: bool
     raise_error: bool
     timeout_s: float | None
+    pool: BoundedPool | None = None
 
 
 def resolve(targets: Sequence[HookTarget], hook: str) -> tuple[BoundHook, ...]:
@@ -145,7 +146,8 @@ def resolve(targets: Sequence[HookTarget], hook: str) -> tuple[BoundHook, ...]:
         bound.append(
             BoundHook(
                 target.name, fn, inspect.iscoroutinefunction(fn),
-                bool(target.raise_error_on_callback), target.timeout_s,
+                bool(target.raise_error_on_callback), timeout_for(target.timeout_s, hook),
+                target.pool,
             )
         )
     return tuple(bound)
@@ -201,7 +203,9 @@ class RequestHooks:
                     if b.is_async or inspect.isawaitable(result):
                         await result
                 else:
-                    await call_async(functools.partial(b.fn, **kwargs), hook, b.timeout_s, arg)
+                    await call_async(
+                        functools.partial(b.fn, **kwargs), hook, b.timeout_s, arg, pool=b.pool
+                    )
             except RequestRejected as rejection:
                 if hook != ON_START:
                     self._failed(hook, b, rejection, span)

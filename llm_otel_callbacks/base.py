@@ -23,11 +23,12 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer, set_span_in_co
 from pydantic import BaseModel
 
 from . import _sigterm, catalog
-from ._callers import call_async, call_sync
+from ._callers import BoundedPool, Timeout, call_async, call_sync, timeout_for
 from ._observe import HookObserver, error_text
 from ._ray import CallbackBase, handle_callback_error, hook_method
 from ._validation import validate_kwargs
 from .catalog import MetricSpec
+from .config import parse_timeout
 from .telemetry import TelemetrySettings, get_telemetry
 from .telemetry.metrics import Recorder
 from .telemetry.propagation import carrier_for, context_from
@@ -59,13 +60,18 @@ class HookTarget:
     instance: Any
     """Object whose hook methods are called (a child adapter for seed-style children)."""
     raise_error_on_callback: bool
-    timeout_s: float | None = None
+    timeout_s: Timeout = None
+    """Seconds for every hook, or a mapping hook -> seconds."""
+    pool: BoundedPool | None = None
+    """The workers its timed sync hooks run on (per process; None: a shared pool)."""
 
 
 class _Local:
-    """What one process knows about one callback instance. Never pickled."""
+    """What one process knows about one callback instance. Never pickled: it pickles (and
+    copies) as None, so a subclass's own ``__getstate__`` (``self.__dict__.copy()``) cannot
+    carry tracers and locks into Ray's download tasks."""
 
-    __slots__ = ("cache", "methods", "observer", "parent", "startup_span")
+    __slots__ = ("cache", "methods", "observer", "parent", "pool", "startup_span")
 
     def __init__(self, observer: HookObserver) -> None:
         self.observer = observer
@@ -73,6 +79,10 @@ class _Local:
         self.parent: Context | None = None  # the context hook spans are parented on
         self.methods: dict[str, tuple[Any, bool]] = {}
         self.cache: dict[Any, Any] = {}  # per-process memo for subclasses (never pickled)
+        self.pool: BoundedPool | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(None), ())
 
 
 class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
@@ -82,12 +92,18 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
     ``on_before_download_model_files_distributed`` (and any hook a newer Ray adds).
 
     Every call gets a span and metrics. ``callback_kwargs`` land in ``self.kwargs`` as in Ray,
-    except ``telemetry`` (see :class:`TelemetrySettings`). Set ``kwargs_model`` to a pydantic
-    model to have the kwargs validated at construction; the result is ``self.options``.
+    except ``telemetry`` (see :class:`TelemetrySettings`) and ``timeout_s`` (seconds for every
+    hook, or a mapping hook -> seconds; a timed sync hook runs on this callback's few worker
+    threads and fails fast as a timeout when they are all held by hung calls). Set
+    ``kwargs_model`` to a pydantic model to have the kwargs validated at construction; the
+    result is ``self.options``.
     """
 
     kwargs_model: ClassVar[type[BaseModel] | None] = None
     """Pydantic model validating ``self.kwargs`` at construction (None: no validation)."""
+    server_hooks_optional: ClassVar[bool] = False
+    """True when the engine-start / request hooks only add telemetry, so running without
+    ObservedLLMServer is fine (no warning, ``check`` passes)."""
 
     def __init__(
         self,
@@ -98,6 +114,7 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
     ) -> None:
         telemetry = kwargs.pop("telemetry", None)
         name = kwargs.pop("callback_name", None)
+        timeout_s = kwargs.pop("timeout_s", None)
         super().__init__(
             llm_config=llm_config,
             raise_error_on_callback=raise_error_on_callback,
@@ -105,6 +122,9 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
             **kwargs,
         )
         self.callback_name: str = name or type(self).__name__
+        self.timeout_s: Timeout = parse_timeout(
+            timeout_s, f"{type(self).__qualname__} callback_kwargs"
+        )
         self.telemetry_settings = TelemetrySettings.resolve(telemetry)
         self.model_id = model_id_of(llm_config)
         self.created_at_ns = time.time_ns()
@@ -195,6 +215,14 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         return local.observer
 
     @property
+    def hook_pool(self) -> BoundedPool:
+        """This callback's workers for timed sync hooks (per process)."""
+        local = self._local or self._make_local()
+        if local.pool is None:
+            local.pool = BoundedPool()
+        return local.pool
+
+    @property
     def process_cache(self) -> dict[Any, Any]:
         """A dict private to this process and instance (dropped on pickling)."""
         return (self._local or self._make_local()).cache
@@ -270,7 +298,8 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         """Whose hooks run for this callback, in order (a composite lists its children).
 
         Request-time hooks (``on_llm_start`` ...) are looked up on these instances."""
-        return [HookTarget(self.callback_name, self, self.raise_error_on_callback)]
+        return [HookTarget(self.callback_name, self, self.raise_error_on_callback,
+                           self.timeout_s, self.hook_pool if self.timeout_s else None)]
 
     # --- dispatch -----------------------------------------------------------------------------
 
@@ -332,13 +361,19 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
 
     async def _invoke_async(self, hook: str, method: Any, is_async: bool) -> None:
         """How the hook itself is called; the composite overrides this to run its children."""
-        if is_async:
+        timeout = timeout_for(self.timeout_s, hook)
+        if timeout is not None:
+            await call_async(method, hook, timeout, pool=self.hook_pool)
+        elif is_async:
             await method()
         else:
             await call_async(method, hook, None)
 
     def _invoke_sync(self, hook: str, method: Any, is_async: bool) -> None:
-        if is_async:
+        timeout = timeout_for(self.timeout_s, hook)
+        if timeout is not None:
+            call_sync(method, hook, timeout, pool=self.hook_pool)
+        elif is_async:
             call_sync(method, hook, None)
         else:
             result = method()

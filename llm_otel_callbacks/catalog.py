@@ -188,12 +188,16 @@ A_PG_STRATEGY = "ray.placement_group.strategy"
 """Placement group strategy."""
 A_PG_BUNDLES = "ray.placement_group.bundles"
 """Placement group bundles (JSON)."""
+A_VETOED_BY = "llm_callback.vetoed_by"
+"""Every composite child that has turned Ray's node initialization off, in order."""
 
 # --- span events ---
 EVENT_CTX_CHANGE = "ctx_change"
 """A composite child changed a CallbackCtx field."""
 EVENT_VETO = "node_init_vetoed"
 """A composite child turned Ray's node initialization off."""
+EVENT_VETO_KEPT = "node_init_veto_kept"
+"""A later child set ``run_init_node`` back to True after a veto: refused, the veto stays."""
 
 # Resource attribute keys set when the process runs in Ray / Serve.
 R_RAY_NODE = "ray.node_id"

@@ -67,13 +67,19 @@ def read_yaml(path: Path) -> Any:
         raise _FileError(f"not valid YAML: {clip(str(exc), 300)}") from None
 
 
-def find_callback_configs(doc: Any, base_dir: Path) -> Iterator[tuple[str, Any]]:
-    """(where, callback_config) for every callback_config in the document."""
+#: ``server_cls`` of a bare callback_config: unknown (not checked).
+UNKNOWN = object()
+OBSERVED_SERVER = "llm_otel_callbacks.serve.ObservedLLMServer"
+
+
+def find_callback_configs(doc: Any, base_dir: Path) -> Iterator[tuple[str, Any, Any]]:
+    """(where, callback_config, server_cls) for every callback_config in the document
+    (server_cls is :data:`UNKNOWN` for a bare callback_config)."""
     if isinstance(doc, dict) and "callback_class" in doc:
-        yield "callback_config", doc
+        yield "callback_config", doc, UNKNOWN
         return
     if isinstance(doc, dict) and "callback_config" in doc:
-        yield "callback_config", doc["callback_config"]
+        yield "callback_config", doc["callback_config"], doc.get("server_cls")
         return
     apps = doc.get("applications") if isinstance(doc, dict) else None
     if not isinstance(apps, list):
@@ -98,7 +104,9 @@ def find_callback_configs(doc: Any, base_dir: Path) -> Iterator[tuple[str, Any]]
                 except _FileError as exc:
                     raise CallbackConfigError(f"{where}: {clip(str(path))}: {exc}") from None
             if isinstance(entry, dict) and entry.get("callback_config") is not None:
-                yield f"{where}.callback_config", entry["callback_config"]
+                yield f"{where}.callback_config", entry["callback_config"], entry.get(
+                    "server_cls"
+                )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,10 +124,11 @@ def _check_all(doc: Any, path: Path) -> int:
     failures = 0
     found = 0
     try:
-        for where, config in find_callback_configs(doc, path.parent):
+        for where, config, server_cls in find_callback_configs(doc, path.parent):
             found += 1
             try:
                 callback = validate_callback_config(config)
+                check_server(callback, server_cls)
             except CallbackConfigError as exc:
                 failures += 1
                 print(f"FAIL {where}:\n  " + str(exc).replace("\n", "\n  "))
@@ -140,3 +149,40 @@ def _check_all(doc: Any, path: Path) -> int:
         print(f"FAIL {path}: no callback_config found")
         return 1
     return 1 if failures else 0
+
+
+def observed_server(server_cls: Any) -> bool:
+    """Whether ``server_cls`` is ObservedLLMServer (or a subclass)."""
+    if server_cls is None:
+        return False
+    if server_cls == OBSERVED_SERVER:
+        return True
+    target = server_cls
+    if isinstance(server_cls, str):
+        from .config import import_object
+
+        try:
+            target = import_object(server_cls)
+        except ImportError:
+            return False
+    from .serve import ObservedLLMServer
+
+    return isinstance(target, type) and issubclass(target, ObservedLLMServer)
+
+
+def check_server(callback: Any, server_cls: Any) -> None:
+    """Engine-start and request hooks run only under ObservedLLMServer: without it they
+    would silently never run, so the check fails, naming the children and the fix."""
+    if server_cls is UNKNOWN:
+        return
+    from ._startup_points import server_hooks
+
+    needing = server_hooks(callback, phase_functions=False)
+    if not needing:
+        return
+    if not observed_server(server_cls):
+        raise CallbackConfigError(
+            f"{'; '.join(needing)}: engine-start and request hooks only run with "
+            f"server_cls: {OBSERVED_SERVER} in the LLMConfig (got "
+            f"{server_cls or 'none'}); add it, or these hooks never run"
+        )

@@ -12,19 +12,33 @@ import functools
 import inspect
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry import trace
 
 from . import catalog
-from ._callers import call_async, call_sync
+from ._callers import call_async, call_sync, timeout_for
 from ._ctx_changes import Snapshot, diff, snapshot
 from ._observe import HookObserver, error_text
 from ._pickling import pickle_error, unpicklable_attributes
-from ._ray import CallbackBase
+from ._ray import CALLBACK_BASES, node_model_downloadable
+from ._startup_points import download_result, node_id, server_hooks
 from ._validation import CallbackConfigError
-from .adapters import Child, FunctionChild, Hook, SeedChild, is_seed_protocol
+from .adapters import (
+    CTX_FIELDS,
+    NODE_PRE_DOWNLOAD,
+    RESERVED_NAMES,
+    SEED_CTX_KEY,
+    Child,
+    FunctionChild,
+    InitializeChild,
+    SeedChild,
+    Step,
+    is_initialize_class,
+    is_ray_style,
+    is_seed_protocol,
+    seed_ctx,
+)
 from .base import HookTarget, RayServeLLMCallback
 from .config import ChildSpec, CompositeOptions, parse_child_specs
 
@@ -72,8 +86,23 @@ class Composite(RayServeLLMCallback):
             child = self._build_child(index, spec, target)
             if child is not None:
                 self.children.append(child)
-        self.vetoed_by: str | None = None
+        #: Children that turned Ray's node initialization off, in order. A veto stays: a
+        #: later child setting ``run_init_node`` back to True is recorded and refused.
+        self.vetoed_by: list[str] = []
+        #: Ray node id of the replica (set before the pickle): its node's download task
+        #: applies the seed field ``local_node_download_model``.
+        self.replica_node_id: str | None = None
         self._check_children_pickle("at construction")
+
+    def child(self, name: str) -> Any:
+        """The instance behind the child called ``name`` (a seed class, a function, or a Ray
+        callback), e.g. to read what it recorded. Raises KeyError naming the children."""
+        for child in self.children:
+            if child.name == name:
+                return child.instance
+        raise KeyError(
+            f"no child named {name!r}; children: {', '.join(c.name for c in self.children)}"
+        )
 
     # --- construction -------------------------------------------------------------------------
 
@@ -86,42 +115,38 @@ class Composite(RayServeLLMCallback):
             else spec.raise_error_on_callback
         )
         kwargs = dict(spec.callback_kwargs)
-        self.ctx.custom_data.setdefault(name, {})  # the child's namespaced slot
         try:
-            if inspect.isclass(target) and issubclass(target, CallbackBase):
-                instance: Any
-                if issubclass(target, RayServeLLMCallback):
-                    kwargs["callback_name"] = name
-                    if "telemetry" in kwargs:
-                        raise CallbackConfigError(
-                            "field 'callback_kwargs.telemetry': telemetry is set once per "
-                            "process, on the composite's own callback_kwargs"
-                        )
-                _check_kwargs(
-                    target, kwargs, llm_config=None, raise_error_on_callback=True,
-                    ctx_kwargs=None,
+            if name in RESERVED_NAMES:
+                raise CallbackConfigError(
+                    f"field 'name': '{name}' is a ctx.custom_data key the composite uses; "
+                    "choose another name"
                 )
-                instance = target(  # type: ignore[call-arg]
-                    llm_config=self.llm_config,
-                    raise_error_on_callback=policy,
-                    ctx_kwargs=None,
-                    **kwargs,
-                )
-                instance.ctx = self.ctx  # one ctx for all: what a child sets, Ray reads
-                if isinstance(instance, RayServeLLMCallback):
-                    instance.startup_owner = self
-                    # Spans a child makes itself (Timing's phases) go where the composite's go.
-                    instance.telemetry_settings = self.telemetry_settings
-                return Child(name, instance, policy, spec.timeout_s)
+            self.ctx.custom_data.setdefault(name, {})  # the child's namespaced slot
+            if is_ray_style(target):
+                return Child(name, self._build_ray_child(name, target, kwargs, policy), policy,
+                             spec.timeout_s)
             if is_seed_protocol(target):
                 _check_kwargs(target, kwargs)
                 return SeedChild(name, target(**kwargs), policy, spec.timeout_s, self.llm_config)
+            if is_initialize_class(target):
+                _check_kwargs(target, kwargs)
+                return InitializeChild(
+                    name, target(**kwargs), policy, spec.timeout_s, self.llm_config
+                )
+            if inspect.isclass(target) and any("__call__" in vars(c) for c in target.__mro__[:-1]):
+                # Seed 002's stateful phase callback: a class whose instances are called.
+                _check_kwargs(target, kwargs)
+                instance = target(**kwargs)
+                _check_phase_signature(instance, {})
+                return FunctionChild(name, instance, policy, spec.timeout_s, self.llm_config)
             if inspect.isclass(target):
                 raise CallbackConfigError(
                     f"field 'callback_class': {target.__qualname__} is neither a subclass of "
-                    "Ray's CallbackBase nor a seed-protocol class (on_before_init / "
-                    "on_before_download / on_after_init, or request hooks on_llm_start / "
-                    "on_llm_end / on_llm_error / on_llm_stream_chunk)"
+                    "Ray's CallbackBase, nor a seed-protocol class (on_before_init / "
+                    "on_before_download / on_after_init; the eight on_pre_* / on_post_* "
+                    "hooks; or request hooks on_llm_start / on_llm_end / on_llm_error / "
+                    "on_llm_stream_chunk), nor a class with initialize(llm_config) or "
+                    "__call__(phase, llm_config, data)"
                 )
             fn = functools.partial(target, **kwargs) if kwargs else target
             _check_phase_signature(target, kwargs)
@@ -140,6 +165,55 @@ class Composite(RayServeLLMCallback):
                 raise CallbackConfigError(f"{label}: {message}") from exc
             self._child_failed(name, _class_name(target), "__init__", exc, message)
             return None
+
+    def _build_ray_child(
+        self, name: str, target: Any, kwargs: dict[str, Any], policy: bool
+    ) -> Any:
+        """Construct a Ray-style child as Ray would, except that its ``__init__`` already
+        sees the replica's ctx (placement group, download policy, ...): what it writes
+        there reaches the one ctx Ray reads."""
+        if issubclass(target, RayServeLLMCallback):
+            kwargs["callback_name"] = name
+            for field, where in (("telemetry", "on the composite's own callback_kwargs"),
+                                 ("timeout_s", "on the composite's entry for this child")):
+                if field in kwargs:
+                    raise CallbackConfigError(
+                        f"field 'callback_kwargs.{field}': set {field} {where}"
+                    )
+        _check_kwargs(
+            target, kwargs, llm_config=None, raise_error_on_callback=True, ctx_kwargs=None,
+        )
+        given = {f: getattr(self.ctx, f) for f in CTX_FIELDS}
+        instance = target(
+            llm_config=self.llm_config,
+            raise_error_on_callback=policy,
+            ctx_kwargs={**given, "custom_data": self.ctx.custom_data},
+            **kwargs,
+        )
+        self._adopt_ctx(instance, given)
+        if isinstance(instance, RayServeLLMCallback):
+            instance.startup_owner = self
+            # The composite ends the replica's startup, never a child's own dispatch.
+            instance._defer_startup_end = True
+            # Spans a child makes itself (Timing's phases) go where the composite's go.
+            instance.telemetry_settings = self.telemetry_settings
+        return instance
+
+    def _adopt_ctx(self, instance: Any, given: dict[str, Any] | None = None) -> None:
+        """Make ``instance.ctx`` the shared ctx again, keeping what the child wrote to the
+        ctx object it had (its own from ``__init__``, or one it assigned to ``self.ctx``)."""
+        own = getattr(instance, "ctx", None)
+        if own is self.ctx:
+            return
+        if own is not None:
+            for field in CTX_FIELDS:
+                value = getattr(own, field, None)
+                if given is None or value is not given[field]:
+                    setattr(self.ctx, field, value)
+            data = getattr(own, "custom_data", None)
+            if isinstance(data, dict) and data is not self.ctx.custom_data:
+                self.ctx.custom_data.update(data)
+        instance.ctx = self.ctx  # one ctx for all: what a child sets, Ray reads
 
     def _child_failed(
         self, name: str, class_name: str, hook: str, error: BaseException, message: str
@@ -218,7 +292,9 @@ class Composite(RayServeLLMCallback):
 
     def hook_targets(self) -> list[HookTarget]:
         return [
-            HookTarget(c.name, c.instance, c.raise_error, c.timeout_s) for c in self.children
+            HookTarget(c.name, c.instance, c.raise_error, c.timeout_s,
+                       c.pool if c.timeout_s is not None else None)
+            for c in self.children
         ]
 
     def after_unpickle(self) -> None:
@@ -226,6 +302,23 @@ class Composite(RayServeLLMCallback):
         for child in self.children:
             if isinstance(child.instance, RayServeLLMCallback):
                 _ = child.instance.ctx
+        if self.replica_node_id is None:
+            return  # not a copy made for a download task
+        # In Ray's download task on a node, Ray is about to read the download policy: seed
+        # pre-download hooks run now, so what they decide is what this node downloads.
+        if self._plan(NODE_PRE_DOWNLOAD, True):
+            self.run_callback_sync(NODE_PRE_DOWNLOAD)
+        self._apply_node_policy()
+
+    def _apply_node_policy(self) -> None:
+        seed = self.ctx.custom_data.get(SEED_CTX_KEY) or {}
+        enum = node_model_downloadable()
+        if seed.get("skip_download"):
+            self.ctx.worker_node_download_model = enum.NONE
+            return
+        local = seed.get("local_node_download_model")
+        if local is not None and self.replica_node_id == node_id():
+            self.ctx.worker_node_download_model = local
 
     def startup_ended(self, error: BaseException | str | None) -> None:
         for child in self.children:
@@ -236,64 +329,127 @@ class Composite(RayServeLLMCallback):
 
     def _hook_method(self, method_name: str) -> tuple[Any, bool]:
         # Any hook Ray (or ObservedLLMServer) dispatches goes to the children, including
-        # hooks added after this was written.
+        # hooks added after this was written. A hook neither Ray's base, the composite nor
+        # any child has raises AttributeError, as Ray's own _get_method does.
         impl = getattr(type(self), method_name, None)
         if method_name.startswith("on_") and (
             impl is None
-            or impl is getattr(CallbackBase, method_name, None)
+            or any(impl is getattr(b, method_name, None) for b in CALLBACK_BASES)
             or impl is getattr(RayServeLLMCallback, method_name, None)
         ):
+            if impl is None and not any(
+                child.steps(method_name, self.ctx, sync) for child in self.children
+                for sync in (False, True)
+            ):
+                raise AttributeError(
+                    f"Callback {type(self).__name__} does not have method '{method_name}' "
+                    f"(nor does any of its children: {', '.join(self._names()) or 'none'})"
+                )
             return None, True
         return super()._hook_method(method_name)
 
-    def _plan(self, hook: str) -> list[tuple[Child, Hook, HookObserver]]:
-        """Children implementing ``hook``, with their observers (memoized per process)."""
+    def _names(self) -> list[str]:
+        return [c.name for c in self.children]
+
+    def _plan(self, hook: str, sync: bool) -> list[tuple[Child, Step, HookObserver]]:
+        """What runs for ``hook``: each child's steps, stage by stage (list order within a
+        stage), with the child's observer. Memoized per process."""
         cache = self.process_cache
-        plan = cache.get(("plan", hook))
+        key = ("plan", hook, sync)
+        plan = cache.get(key)
         if plan is None:
             tel = self._observer.tel
+            ranked = []
+            for index, child in enumerate(self.children):
+                for step in child.steps(hook, self.ctx, sync):
+                    ranked.append((step.rank, index, child, step))
             plan = []
-            for child in self.children:
-                fn = child.method(hook, self.ctx)
-                if fn is not None:
-                    observer = cache.get(("observer", child.name))
-                    if observer is None:
-                        observer = HookObserver(tel, child.name, child.class_name, self.model_id)
-                        cache[("observer", child.name)] = observer
-                    plan.append((child, fn, observer))
-            cache[("plan", hook)] = plan
+            for _rank, _index, child, step in sorted(ranked, key=lambda r: (r[0], r[1])):
+                observer = cache.get(("observer", child.name))
+                if observer is None:
+                    observer = HookObserver(tel, child.name, child.class_name, self.model_id)
+                    cache[("observer", child.name)] = observer
+                plan.append((child, step, observer))
+            cache[key] = plan
         return plan  # type: ignore[no-any-return]
+
+    def _before_children(self, hook: str) -> None:
+        if hook == "on_before_node_init":
+            self.replica_node_id = node_id()
+            self._warn_without_server()
+        elif hook == "on_after_node_init":
+            # What Ray's download tasks produced (all nodes agree; Ray keeps one path).
+            seed = seed_ctx(self.ctx)
+            seed["download_result"] = download_result(self.llm_config, self.ctx)
+
+    def _after_children(self, hook: str) -> None:
+        if hook == "on_after_node_init" and not self._defer_startup_end:
+            extra = (self.ctx.custom_data.get(SEED_CTX_KEY) or {}).get("extra_init_kwargs")
+            if extra:
+                logger.warning(
+                    "extra_init_kwargs %s were set but Ray's LLMServer has no point to merge "
+                    "them into the engine kwargs; set server_cls="
+                    "'llm_otel_callbacks.serve.ObservedLLMServer' (they are NOT applied)",
+                    sorted(extra),
+                )
+
+    def _warn_without_server(self) -> None:
+        """Engine or request hooks without ObservedLLMServer never run: say so, once."""
+        if self._defer_startup_end or self.process_cache.get("warned_server"):
+            return  # ObservedLLMServer armed the engine-start phase
+        self.process_cache["warned_server"] = True
+        needing = server_hooks(self)
+        if needing:
+            logger.warning(
+                "callback(s) %s implement engine-start or request hooks, which only run with "
+                "server_cls='llm_otel_callbacks.serve.ObservedLLMServer' in the LLMConfig; "
+                "without it they never run", "; ".join(needing),
+            )
+
+    def _runs(self, step: Step) -> bool:
+        return not step.only_if_replaced or not self.ctx.run_init_node
 
     async def _invoke_async(self, hook: str, method: Any, is_async: bool) -> None:
         if method is not None:  # a subclass's own hook runs first
             await call_async(method, hook, None)
+        self._before_children(hook)
         parent = trace.get_current_span()  # the composite's span for this hook
-        for child, fn, observer, before, started in self._starting(hook):
+        for child, step, observer in self._plan(hook, False):
+            if not self._runs(step):
+                continue
+            before = snapshot(self.ctx)
+            started = observer.start(hook, None, self._child_span_name(hook, child))
             error: BaseException | None = None
+            result: Any = None
             try:
-                await call_async(fn, hook, child.timeout_s)
+                timeout = timeout_for(child.timeout_s, hook)
+                result = await call_async(step.fn, hook, timeout,
+                                          pool=child.pool if timeout is not None else None)
             except Exception as exc:
                 error = exc
-            self._after_child(hook, child, before, parent, observer, started, error)
+            self._after_child(hook, child, before, parent, observer, started, error, result)
+        self._after_children(hook)
 
     def _invoke_sync(self, hook: str, method: Any, is_async: bool) -> None:
         if method is not None:
             call_sync(method, hook, None)
+        self._before_children(hook)
         parent = trace.get_current_span()  # the composite's span for this hook
-        for child, fn, observer, before, started in self._starting(hook):
+        for child, step, observer in self._plan(hook, True):
+            if not self._runs(step):
+                continue
+            before = snapshot(self.ctx)
+            started = observer.start(hook, None, self._child_span_name(hook, child))
             error: BaseException | None = None
+            result: Any = None
             try:
-                call_sync(fn, hook, child.timeout_s)
+                timeout = timeout_for(child.timeout_s, hook)
+                result = call_sync(step.fn, hook, timeout,
+                                   pool=child.pool if timeout is not None else None)
             except Exception as exc:
                 error = exc
-            self._after_child(hook, child, before, parent, observer, started, error)
-
-    def _starting(self, hook: str) -> Iterator[tuple[Child, Hook, HookObserver, Snapshot, Any]]:
-        """Each child implementing ``hook`` as it starts: the ctx before it, its started span."""
-        for child, fn, observer in self._plan(hook):
-            before = snapshot(self.ctx)
-            name = f"{catalog.SPAN_HOOK_PREFIX}{hook} {child.name}"
-            yield child, fn, observer, before, observer.start(hook, None, name)
+            self._after_child(hook, child, before, parent, observer, started, error, result)
+        self._after_children(hook)
 
     def _after_child(
         self,
@@ -304,8 +460,13 @@ class Composite(RayServeLLMCallback):
         observer: HookObserver,
         started: Any,
         error: BaseException | None,
+        result: Any = None,
     ) -> None:
+        if child.kind == "ray":
+            self._adopt_ctx(child.instance)  # it may have assigned a new ctx to self.ctx
         self._record_changes(child, before, started[0], parent)
+        if result is False and hook == "on_before_node_init":
+            self._note_veto(child.name, parent)  # also when node init was already off
         observer.finish(
             hook, started, error,
             record_message=self.telemetry_settings.record_exception_messages,
@@ -339,10 +500,28 @@ class Composite(RayServeLLMCallback):
             span.add_event(catalog.EVENT_CTX_CHANGE, attrs)
             parent.add_event(catalog.EVENT_CTX_CHANGE, attrs)
             changes.add((self.model_id, child.name, field.split("[", 1)[0]))
-            if field == "run_init_node" and change.value is False and self.vetoed_by is None:
-                self.vetoed_by = child.name
-                parent.add_event(catalog.EVENT_VETO, {catalog.A_CALLBACK: child.name})
-                logger.info("callback '%s' turned Ray's node initialization off", child.name)
+            if field == "run_init_node" and change.value is False:
+                self._note_veto(child.name, parent)
+            elif field == "run_init_node" and change.value is True and self.vetoed_by:
+                # A veto stays a veto: the change is recorded above, and refused here.
+                self.ctx.run_init_node = False
+                event = {catalog.A_CALLBACK: child.name, catalog.A_VETOED_BY: self.vetoed_by}
+                span.add_event(catalog.EVENT_VETO_KEPT, event)
+                parent.add_event(catalog.EVENT_VETO_KEPT, event)
+                logger.warning(
+                    "callback '%s' set ctx.run_init_node back to True after %s turned Ray's "
+                    "node initialization off; refused, node init stays off",
+                    child.name, ", ".join(self.vetoed_by),
+                )
+
+    def _note_veto(self, name: str, parent: trace.Span) -> None:
+        if name in self.vetoed_by:
+            return
+        self.vetoed_by.append(name)
+        parent.add_event(
+            catalog.EVENT_VETO, {catalog.A_CALLBACK: name, catalog.A_VETOED_BY: self.vetoed_by}
+        )
+        logger.info("callback '%s' turned Ray's node initialization off", name)
 
     def _after_dispatch(self, hook: str, error: BaseException | None) -> None:
         if isinstance(error, ChildHookError):

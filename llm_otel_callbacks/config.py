@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from ._validation import CallbackConfigError, Number, clip, describe
 
@@ -28,6 +28,56 @@ from ._validation import CallbackConfigError, Number, clip, describe
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 #: A child's name is a metric label, a span-name suffix and a ctx.custom_data key.
 MAX_NAME_LENGTH = 128
+
+
+_SECONDS: TypeAdapter[float] = TypeAdapter(
+    Annotated[Number, Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
+)
+
+
+def known_hooks() -> frozenset[str]:
+    """Hook names a ``timeout_s`` mapping may name: Ray's (its base class's ``on_*``
+    methods), the engine-start and request hooks ObservedLLMServer calls, and the node
+    pre-download point of seed-style children."""
+    from ._ray import CALLBACK_BASES
+    from .adapters import ENGINE_HOOKS, NODE_PRE_DOWNLOAD, REQUEST_HOOKS
+
+    ray_hooks = {n for base in CALLBACK_BASES for n in dir(base) if n.startswith("on_")}
+    return frozenset(
+        {*ray_hooks, *ENGINE_HOOKS, *REQUEST_HOOKS, NODE_PRE_DOWNLOAD,
+         "on_before_download_model_files_distributed"}
+    )
+
+
+def _seconds(value: Any, where: str) -> float:
+    try:
+        return _SECONDS.validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(f"{where}{exc.errors(include_url=False)[0]['msg']}") from None
+
+
+def timeout_value(value: Any) -> float | dict[str, float] | None:
+    """``timeout_s``: seconds for every hook, or a mapping hook -> seconds. Raises
+    ValueError saying what is wrong (an unknown hook name is never ignored)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        hooks = known_hooks()
+        unknown = sorted(clip(str(k)) for k in value if k not in hooks)
+        if unknown:
+            raise ValueError(
+                f"unknown hook name(s) {unknown}; a mapping names hooks: {sorted(hooks)}"
+            )
+        return {str(k): _seconds(v, f"hook '{k}': ") for k, v in value.items()}
+    return _seconds(value, "")
+
+
+def parse_timeout(value: Any, where: str) -> float | dict[str, float] | None:
+    """Validate a ``timeout_s`` (number or mapping per hook); the error names ``where``."""
+    try:
+        return timeout_value(value)
+    except ValueError as exc:
+        raise CallbackConfigError(f"{where}: field 'timeout_s': {exc}") from None
 
 
 def _dotted(text: str) -> bool:
@@ -44,7 +94,8 @@ class ChildSpec(BaseModel):
     callback_kwargs: dict[str, Any] = Field(default_factory=dict)
     raise_error_on_callback: bool | None = None
     """Default: the composite's own ``raise_error_on_callback``."""
-    timeout_s: Number | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    timeout_s: Any = None
+    """Seconds for every hook, or a mapping hook -> seconds (only the hooks it names)."""
     name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_LENGTH)
     """Default: the class (or function) name. Must be unique in the composite."""
 
@@ -54,6 +105,11 @@ class ChildSpec(BaseModel):
         if value is not None and (not value.strip() or not value.isprintable()):
             raise ValueError("must be printable and not blank")
         return value
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> Any:
+        return timeout_value(value)
 
     @field_validator("callback_class")
     @classmethod

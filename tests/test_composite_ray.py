@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from llm_otel_callbacks import catalog
+from llm_otel_callbacks.adapters import NODE_PRE_DOWNLOAD
 from llm_otel_callbacks.telemetry import reset_telemetry
 from tests._support.flow import make_llm_config, remove_pg, start_like_vllm_engine
 from tests._support.otlp_receiver import OtlpHttpReceiver, ReceivedSpan
@@ -65,9 +66,10 @@ def test_three_styles_share_ctx_in_order_across_the_pickle(
     ]
     assert ctx.worker_node_download_model.name == "TOKENIZER_ONLY"
     assert ctx.runtime_env["env_vars"]["PHASE_CHILD"] == "x"
-    # Each child has its namespaced slot; the phase function's persisted across phases.
-    assert ctx.custom_data["fn"]["phases"] == [
-        "pre_initialization", "post_download", "post_initialization",
+    # Phase functions share one data dict (seed 002), persisted across phases; pre_download
+    # ran on the node (in Ray's download task), post_initialization waits for the engine.
+    assert ctx.custom_data["phase_data"]["phases"] == [
+        "pre_initialization", "post_download", "post_placement_group",
     ]
     assert set(ctx.custom_data) >= {"ray_style", "seed", "fn"}
 
@@ -80,13 +82,14 @@ def test_three_styles_share_ctx_in_order_across_the_pickle(
     assert note == "seeded"
 
     spans = otlp_receiver.wait_for_spans(
-        lambda ss: len(_child_spans(ss, "on_before_download_model_files_distributed")) == 3
+        lambda ss: len(_child_spans(ss, "on_before_download_model_files_distributed")) == 1
+        and len(_child_spans(ss, NODE_PRE_DOWNLOAD)) == 2
         and len(_child_spans(ss, "on_after_node_init")) == 3,
         timeout=60,
     )
     # Child spans nest under the composite's span for the same hook.
     for hook in ("on_before_node_init", "on_after_node_init",
-                 "on_before_download_model_files_distributed"):
+                 "on_before_download_model_files_distributed", NODE_PRE_DOWNLOAD):
         parent = next(
             s for s in spans
             if s.name == catalog.SPAN_HOOK_PREFIX + hook
@@ -96,10 +99,13 @@ def test_three_styles_share_ctx_in_order_across_the_pickle(
         assert children, hook
         assert all(c.parent_span_id == parent.span_id for c in children.values())
         assert all(c.trace_id == parent.trace_id for c in children.values())
-    # All three styles map onto the download hook (the phase function as pre_download).
+    # On the node: the seed's on_before_download and the phase function's pre_download run
+    # before Ray reads the download policy (so what they set is what the node downloads);
+    # Ray's own download hook runs where Ray calls it, after.
     assert set(_child_spans(spans, "on_before_download_model_files_distributed")) == {
-        "ray_style", "seed", "fn"
+        "ray_style"
     }
+    assert set(_child_spans(spans, NODE_PRE_DOWNLOAD)) == {"seed", "fn"}
 
     # Change log: who changed what, old -> new, on the child's and the composite's span.
     before = _child_spans(spans, "on_before_node_init")
@@ -139,7 +145,7 @@ def test_veto_skips_node_init_and_is_recorded(
     callback = start_like_vllm_engine(llm_config)
     remove_pg(callback)
     assert callback.ctx.run_init_node is False
-    assert callback.vetoed_by == "seed"
+    assert callback.vetoed_by == ["seed"]
     assert not list(tmp_path.glob("composite-download-*.txt"))  # no download task ran
     spans = otlp_receiver.wait_for_spans(
         lambda ss: any(s.name == catalog.SPAN_STARTUP for s in ss), timeout=30

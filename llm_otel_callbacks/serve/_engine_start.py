@@ -22,6 +22,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from .. import catalog
 from .._ray import hook_method
+from ..adapters import SEED_CTX_KEY
 from ..base import RayServeLLMCallback
 from ..builtin.timing import Timing
 from ..telemetry.providers import Telemetry
@@ -44,6 +45,17 @@ def dispatches(callback: Any, hook: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def merge_extra_init_kwargs(callback: Any) -> None:
+    """Seed ``extra_init_kwargs`` (set by seed hooks, phase functions or an ``initialize()``
+    child) go into the engine kwargs now: Ray builds the engine config from them next."""
+    ctx = getattr(callback, "ctx", None)
+    seed = ctx.custom_data.get(SEED_CTX_KEY) if ctx is not None else None
+    extra = (seed or {}).get("extra_init_kwargs")
+    if extra:
+        callback.llm_config.update_engine_kwargs(**extra)
+        logger.info("merged extra_init_kwargs %s into the engine kwargs", sorted(extra))
 
 
 class EngineStart:
@@ -83,6 +95,7 @@ class EngineStart:
         self.phases = EnginePhases.open(self.model, self.tel, self.span, self.started_ns)
         if dispatches(self.callback, BEFORE):
             await self.callback.run_callback(BEFORE)  # raises under the raise policy
+        merge_extra_init_kwargs(self.callback)
 
     async def ready(self) -> None:
         """The engine is up: close the span, run ``on_after_engine_start``, end the startup."""

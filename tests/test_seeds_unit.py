@@ -1,0 +1,94 @@
+"""Timeouts per hook and the bounded workers of timed sync hooks (no Ray needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from llm_otel_callbacks import (
+    CallbackConfigError,
+    Composite,
+    HookTimeoutError,
+    PoolFullError,
+    RayServeLLMCallback,
+)
+from llm_otel_callbacks._callers import POOL_WORKERS
+from llm_otel_callbacks.telemetry import reset_telemetry
+
+DOWNLOAD = "on_before_download_model_files_distributed"
+RELEASE = threading.Event()
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> Iterator[None]:
+    reset_telemetry()
+    RELEASE.clear()
+    yield
+    RELEASE.set()  # let the hung hooks end
+    reset_telemetry()
+
+
+class Hangs(RayServeLLMCallback):
+    def on_before_download_model_files_distributed(self) -> None:
+        RELEASE.wait(30)
+
+    async def on_before_node_init(self) -> None:
+        self.ctx.custom_data["quick"] = True
+
+
+def _hook_threads() -> int:
+    return sum(t.name.startswith("llm-callback-") for t in threading.enumerate())
+
+
+def test_standalone_callback_timeout_per_hook_and_bounded_workers() -> None:
+    cb = Hangs(llm_config=None, ctx_kwargs={}, timeout_s={DOWNLOAD: 0.05})
+    threads_before = _hook_threads()
+    causes = []
+    for _ in range(3 * POOL_WORKERS):
+        with pytest.raises(Exception) as info:
+            cb.run_callback_sync(DOWNLOAD)
+        causes.append(type(info.value.__cause__))
+    # The first calls each hold a worker past their timeout; then the pool is full and
+    # further calls fail at once as timeouts instead of starting threads.
+    assert causes[:POOL_WORKERS] == [HookTimeoutError] * POOL_WORKERS
+    assert causes[POOL_WORKERS:] == [PoolFullError] * (2 * POOL_WORKERS)
+    assert _hook_threads() - threads_before <= POOL_WORKERS
+    # A hook the mapping does not name has no timeout (runs inline, as Ray would).
+    asyncio.run(cb.run_callback("on_before_node_init"))
+    assert cb.ctx.custom_data["quick"] is True
+    # Workers are per process: the callback still pickles.
+    assert pickle.loads(pickle.dumps(cb)).timeout_s == {DOWNLOAD: 0.05}
+
+
+def test_composite_child_timeout_mapping_and_pool_per_child() -> None:
+    composite = Composite(
+        llm_config=None, ctx_kwargs={},
+        callbacks=[{"callback_class": Hangs, "name": "slow", "raise_error_on_callback": False,
+                    "timeout_s": {DOWNLOAD: 0.05}}],
+    )
+    for _ in range(2 * POOL_WORKERS):
+        composite.run_callback_sync(DOWNLOAD)  # logged, not raised: the child's policy
+    child = composite.children[0]
+    assert child.pool.threads == POOL_WORKERS
+    assert composite.hook_targets()[0].pool is child.pool
+
+
+@pytest.mark.parametrize("timeout", [{"on_no_such_hook": 1}, {DOWNLOAD: 0}, {DOWNLOAD: True},
+                                     -1, "soon"])
+def test_bad_timeouts_are_refused_naming_the_field(timeout: Any) -> None:
+    with pytest.raises(CallbackConfigError, match="timeout_s"):
+        Hangs(llm_config=None, ctx_kwargs={}, timeout_s=timeout)
+    with pytest.raises(CallbackConfigError, match=r"(?s)callbacks\[0\].*timeout_s"):
+        Composite(llm_config=None, ctx_kwargs={},
+                  callbacks=[{"callback_class": Hangs, "timeout_s": timeout}])
+
+
+def test_child_of_ours_cannot_set_its_own_timeout_in_kwargs() -> None:
+    with pytest.raises(CallbackConfigError, match=r"callback_kwargs\.timeout_s"):
+        Composite(llm_config=None, ctx_kwargs={},
+                  callbacks=[{"callback_class": Hangs, "callback_kwargs": {"timeout_s": 1}}])
