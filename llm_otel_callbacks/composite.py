@@ -418,7 +418,7 @@ class Composite(RayServeLLMCallback):
             if not self._runs(step):
                 continue
             before = snapshot(self.ctx)
-            started = observer.start(hook, None, self._child_span_name(hook, child))
+            started = observer.start(hook, None, f"{catalog.SPAN_HOOK_PREFIX}{hook} {child.name}")
             error: BaseException | None = None
             result: Any = None
             try:
@@ -439,7 +439,7 @@ class Composite(RayServeLLMCallback):
             if not self._runs(step):
                 continue
             before = snapshot(self.ctx)
-            started = observer.start(hook, None, self._child_span_name(hook, child))
+            started = observer.start(hook, None, f"{catalog.SPAN_HOOK_PREFIX}{hook} {child.name}")
             error: BaseException | None = None
             result: Any = None
             try:
