@@ -300,3 +300,19 @@ class SkipInit:
 
     def on_before_init(self, ctx):
         return False
+
+
+class EngineProbe(RayServeLLMCallback):
+    """Records, once the engine is up, what Ray's engine was given (place it last)."""
+
+    server_hooks_optional = True
+
+    def on_after_engine_start(self) -> None:
+        pg = self.ctx.placement_group
+        record(
+            "engine_up",
+            pg_name=ray.util.placement_group_table(pg)["name"] if pg is not None else None,
+            runtime_env=self.ctx.runtime_env,
+            run_init_node=self.ctx.run_init_node,
+            max_num_seqs=self.llm_config.engine_kwargs.get("max_num_seqs"),
+        )
