@@ -92,3 +92,42 @@ def test_child_of_ours_cannot_set_its_own_timeout_in_kwargs() -> None:
     with pytest.raises(CallbackConfigError, match=r"callback_kwargs\.timeout_s"):
         Composite(llm_config=None, ctx_kwargs={},
                   callbacks=[{"callback_class": Hangs, "callback_kwargs": {"timeout_s": 1}}])
+
+
+def test_rate_limiter_waits_a_bounded_time_then_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_otel_callbacks.builtin import rate_limit
+    from llm_otel_callbacks.builtin.rate_limit import RateLimiter, RateLimitExceeded
+
+    now = [0.0]
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(rate_limit.asyncio, "sleep", fake_sleep)
+    limiter = RateLimiter(llm_config=None, ctx_kwargs={}, requests_per_minute=1,
+                          key="global", max_wait_s=5)
+    limiter.clock = lambda: now[0]  # type: ignore[method-assign]
+    asyncio.run(limiter.on_llm_start("a"))
+    now[0] = 56.0
+    asyncio.run(limiter.on_llm_start("b"))  # the slot frees in 4 s <= 5 s: waits, admitted
+    assert slept == [pytest.approx(4.0)]
+    with pytest.raises(RateLimitExceeded):  # 60 s to wait > 5 s: refused at once
+        asyncio.run(limiter.on_llm_start("c"))
+    assert len(slept) == 1
+
+
+def test_streaming_progress_on_chunk_and_on_complete() -> None:
+    from llm_otel_callbacks.builtin import StreamingProgress
+
+    seen: list[Any] = []
+    progress = StreamingProgress(
+        llm_config=None, ctx_kwargs={},
+        on_chunk=lambda chunk: seen.append(chunk),
+        on_complete=lambda: seen.append("done"),
+    )
+    for text in ("Once", " upon"):
+        progress.on_llm_stream_chunk(text, request_id="r1")
+    asyncio.run(progress.on_llm_end(None, request_id="r1"))
+    assert seen == ["Once", " upon", "done"]

@@ -43,8 +43,12 @@ class StreamingProgressOptions(BaseModel):
     """A span event every this many chunks (and one at the end)."""
     on_progress: Any = None
     """Called with a progress dict at each event: a callable or a dotted path to one."""
+    on_chunk: Any = None
+    """Seed 004: called with each streamed chunk (a callable or a dotted path to one)."""
+    on_complete: Any = None
+    """Seed 004: called with no arguments when a streamed response ends (ok or error)."""
 
-    @field_validator("on_progress")
+    @field_validator("on_progress", "on_chunk", "on_complete")
     @classmethod
     def _callable(cls, value: Any) -> Any:
         if value is None or callable(value):
@@ -87,6 +91,9 @@ class StreamingProgress(RayServeLLMCallback):
             stream = streams[key] = _Stream()
             self._active(+1, kwargs)
         stream.chunks += 1
+        on_chunk = self.options.on_chunk
+        if on_chunk is not None:
+            on_chunk(chunk)
         tokens = kwargs.get("completion_tokens")
         if tokens is not None:
             stream.tokens = tokens
@@ -107,6 +114,9 @@ class StreamingProgress(RayServeLLMCallback):
             stream.tokens = kwargs["completion_tokens"]
         self._report(stream, kwargs, final=True)
         self._active(-1, kwargs)
+        on_complete = self.options.on_complete
+        if on_complete is not None:
+            on_complete()
         model = str(kwargs.get("model") or self.model_id)
         self.metric(catalog.STREAM_CHUNKS).record(
             (model, outcome), float(stream.chunks)

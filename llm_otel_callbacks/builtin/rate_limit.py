@@ -28,6 +28,7 @@ and by memory (``max_memory_mib``); the least recently used are forgotten first.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from bisect import bisect_right
@@ -86,6 +87,10 @@ class RateLimiterOptions(BaseModel):
     sha256sum``; the first 16 hex digits are compared); with ``key: user``: the user values."""
     max_keys: Count = Field(default=100_000, gt=0)
     """Budgets kept at most; the least recently used are forgotten beyond that."""
+    max_wait_s: Number = Field(default=0.0, ge=0, le=WINDOW_S, allow_inf_nan=False)
+    """Seed 004's waiting limiter, bounded: a request over a limit waits for the window to
+    free a slot when that takes at most this many seconds (in total), else it is refused.
+    0 (the default): refuse at once."""
     max_memory_mib: Number = Field(default=32.0, gt=0, le=65536, allow_inf_nan=False)
     """Memory the budgets may hold (estimated); the least recently used are forgotten beyond."""
 
@@ -221,21 +226,36 @@ class RateLimiter(RayServeLLMCallback):
         if key is None:
             return
         options: RateLimiterOptions = self.options
-        now = self.clock()
-        budgets = self._budgets()
-        bucket = budgets.get(key, now)
-        rpm = options.requests_per_minute
-        if rpm is not None and len(bucket.requests) >= rpm:
-            # The oldest request in the window leaves it first.
-            raise RateLimitExceeded("requests", rpm, bucket.requests[0] + WINDOW_S - now)
-        tpm = options.tokens_per_minute
-        if tpm is not None and bucket.token_sum >= tpm:
-            raise RateLimitExceeded("tokens", tpm, _tokens_free_after(bucket, tpm, now))
-        if rpm is not None:  # timestamps are kept only for a request limit
+        deadline: float | None = None
+        while True:
+            now = self.clock()
+            budgets = self._budgets()
+            bucket = budgets.get(key, now)
+            over = self._over(bucket, now)
+            if over is None:
+                break
+            if deadline is None:
+                deadline = now + options.max_wait_s
+            wait = over.retry_after_s or 0.0
+            if now + wait > deadline:
+                raise over
+            await asyncio.sleep(max(wait, 0.001))
+        if options.requests_per_minute is not None:  # timestamps are kept only for a request limit
             bucket.requests.append(now)
             budgets.added()
         else:
             budgets.added(0)
+
+    def _over(self, bucket: _Bucket, now: float) -> RateLimitExceeded | None:
+        options: RateLimiterOptions = self.options
+        rpm = options.requests_per_minute
+        if rpm is not None and len(bucket.requests) >= rpm:
+            # The oldest request in the window leaves it first.
+            return RateLimitExceeded("requests", rpm, bucket.requests[0] + WINDOW_S - now)
+        tpm = options.tokens_per_minute
+        if tpm is not None and bucket.token_sum >= tpm:
+            return RateLimitExceeded("tokens", tpm, _tokens_free_after(bucket, tpm, now))
+        return None
 
     async def on_llm_end(self, response: Any, **kwargs: Unpack[LLMEndKwargs]) -> None:
         if self.options.tokens_per_minute is None:
