@@ -177,7 +177,12 @@ def call_sync(
     else:
         result = _in_thread(lambda: fn(*args), hook, timeout_s, pool or _DEFAULT_POOL)
     if inspect.isawaitable(result):  # e.g. a partial of an async function
-        return call_sync(lambda: _await(result), hook, timeout_s)
+        awaitable = result
+
+        async def finish() -> Any:
+            return await awaitable
+
+        return call_sync(finish, hook, timeout_s)
     return result
 
 
@@ -210,10 +215,6 @@ def _on_pool(
 
     pool.submit(target, hook, timeout_s)
     return future
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
 
 
 async def call_async(
