@@ -131,3 +131,12 @@ def test_streaming_progress_on_chunk_and_on_complete() -> None:
         progress.on_llm_stream_chunk(text, request_id="r1")
     asyncio.run(progress.on_llm_end(None, request_id="r1"))
     assert seen == ["Once", " upon", "done"]
+
+
+def test_request_hooks_get_the_seed_kwargs_provider_and_user_id() -> None:
+    from llm_otel_callbacks.serve.hook_kwargs import start_kwargs
+
+    kwargs = start_kwargs(model="m", request_id="r", trace_id=None, stream=False,
+                          operation="chat", user="alice", api_key_id=None, request=None,
+                          provider="vllm")
+    assert (kwargs["user_id"], kwargs["user"], kwargs["provider"]) == ("alice", "alice", "vllm")

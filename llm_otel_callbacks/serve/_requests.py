@@ -167,7 +167,7 @@ class RequestObserver:
         rec.kwargs = start_kwargs(
             model=self.model, request_id=request_id, trace_id=rec.trace_id, stream=rec.stream,
             operation=op, user=getattr(request, "user", None), api_key_id=api_key_id(raw),
-            request=request,
+            request=request, provider=self.provider,
         )
         return rec
 

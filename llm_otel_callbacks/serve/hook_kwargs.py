@@ -35,6 +35,10 @@ class RequestKwargs(TypedDict):
     """``chat``, ``completions`` or ``embeddings``."""
     user: str | None
     """The request's ``user`` field."""
+    user_id: str | None
+    """Same as ``user`` (the seed API's name)."""
+    provider: str
+    """The engine serving the model (``vllm``; the seed API's ``provider``)."""
     api_key_id: str | None
     """A SHA-256 prefix of the bearer token (never the key), or None without one."""
     request: Any
@@ -85,7 +89,7 @@ class LLMStreamChunkKwargs(RequestKwargs):
 
 def start_kwargs(
     *, model: str, request_id: str | None, trace_id: str | None, stream: bool, operation: str,
-    user: str | None, api_key_id: str | None, request: Any,
+    user: str | None, api_key_id: str | None, request: Any, provider: str = "",
 ) -> LLMStartKwargs:
     """Built once per request; every other hook's kwargs extend it."""
     return {
@@ -95,6 +99,8 @@ def start_kwargs(
         "stream": stream,
         "operation": operation,
         "user": user,
+        "user_id": user,
+        "provider": provider,
         "api_key_id": api_key_id,
         "request": request,
     }
