@@ -140,3 +140,29 @@ def test_request_hooks_get_the_seed_kwargs_provider_and_user_id() -> None:
                           operation="chat", user="alice", api_key_id=None, request=None,
                           provider="vllm")
     assert (kwargs["user_id"], kwargs["user"], kwargs["provider"]) == ("alice", "alice", "vllm")
+
+
+def test_check_fails_for_request_hooks_without_observed_server(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    import yaml
+
+    from llm_otel_callbacks import cli_check
+
+    def check(extra: dict[str, Any]) -> int:
+        entry = {"callback_config": {
+            "callback_class": "llm_otel_callbacks.Composite",
+            "callback_kwargs": {"callbacks": ["llm_otel_callbacks.builtin.TokenCounter",
+                                              "llm_otel_callbacks.builtin.Timing"]},
+        }, **extra}
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump({"applications": [{"args": {"llm_configs": [entry]}}]}))
+        return cli_check.run(argparse.Namespace(config=path))
+
+    assert check({}) == 1
+    out = capsys.readouterr().out
+    assert "TokenCounter: on_llm_end" in out and "ObservedLLMServer" in out
+    assert "Timing" not in out.split("FAIL", 1)[1]  # its engine hooks are telemetry only
+    assert check({"server_cls": "llm_otel_callbacks.serve.ObservedLLMServer"}) == 0

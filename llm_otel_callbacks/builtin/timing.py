@@ -89,6 +89,7 @@ class Timing(RayServeLLMCallback):
     """
 
     kwargs_model: ClassVar[type[BaseModel] | None] = TimingOptions
+    server_hooks_optional = True  # its engine phase is telemetry only
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
