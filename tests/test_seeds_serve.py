@@ -43,7 +43,8 @@ def events(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     _ensure_ray_down()
     tmp = tmp_path_factory.mktemp("seeds-serve")
     files = {name: tmp / f"{name}.jsonl" for name in ("seeds-a", "seeds-b")}
-    run = start_local_ray(tmp / "ray", num_cpus=4, env=dict(VLLM_CPU_ENV))
+    # Two LLM replicas (one CPU each), the group initialize() makes, and the ingress.
+    run = start_local_ray(tmp / "ray", num_cpus=8, env=dict(VLLM_CPU_ENV))
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
