@@ -38,7 +38,7 @@ OTHER_MODEL = "other"
 class Price(BaseModel):
     """Price per million tokens."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(defer_build=True, extra="forbid")
 
     input: Number = Field(ge=0, allow_inf_nan=False)
     output: Number = Field(ge=0, allow_inf_nan=False)
@@ -47,7 +47,7 @@ class Price(BaseModel):
 class CostTrackerOptions(BaseModel):
     """``callback_kwargs`` of :class:`CostTracker`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(defer_build=True, extra="forbid")
 
     prices: dict[str, Price] = Field(default_factory=dict)
     """Model id -> price per million input/output tokens."""

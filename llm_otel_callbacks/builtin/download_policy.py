@@ -44,7 +44,7 @@ _NODE_DECISION = "download.decision"  # process_cache key
 class DownloadPolicyOptions(BaseModel):
     """``callback_kwargs`` of :class:`DownloadPolicy`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(defer_build=True, extra="forbid")
 
     worker_node: Annotated[Policy, BeforeValidator(upper_name)] | None = None
     """Fixed policy for every node (any case); None keeps Ray's choice."""

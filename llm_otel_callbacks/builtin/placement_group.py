@@ -54,7 +54,7 @@ _HELD = "placement_group.held"  # process_cache key: (group, created_by_us)
 class PlacementGroupOptions(BaseModel):
     """``callback_kwargs`` of :class:`CustomPlacementGroup`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(defer_build=True, extra="forbid")
 
     bundles: list[dict[str, Number]] | None = Field(default=None, min_length=1)
     """Resource dicts, e.g. ``[{"CPU": 1, "GPU": 1}, {"GPU": 1}]``."""

@@ -37,7 +37,7 @@ _STREAMS = "progress.streams"  # process_cache key: request -> _Stream
 class StreamingProgressOptions(BaseModel):
     """``callback_kwargs`` of :class:`StreamingProgress`."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(defer_build=True, extra="forbid", arbitrary_types_allowed=True)
 
     event_every: Count = Field(default=16, ge=1)
     """A span event every this many chunks (and one at the end)."""

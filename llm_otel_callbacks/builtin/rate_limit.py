@@ -72,7 +72,7 @@ class RateLimitExceeded(RequestRejected):
 class RateLimiterOptions(BaseModel):
     """``callback_kwargs`` of :class:`RateLimiter`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(defer_build=True, extra="forbid")
 
     requests_per_minute: Count | None = Field(default=None, gt=0)
     tokens_per_minute: Count | None = Field(default=None, gt=0)

@@ -54,7 +54,7 @@ _COUNTED = "timing.counted"
 class TimingOptions(BaseModel):
     """``callback_kwargs`` of :class:`Timing`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(defer_build=True, extra="forbid")
 
     log_summary: bool = True
     """Log one summary line per replica when its startup ends."""

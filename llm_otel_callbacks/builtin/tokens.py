@@ -19,7 +19,7 @@ from ..serve.hook_kwargs import LLMEndKwargs
 class TokenCounterOptions(BaseModel):
     """``callback_kwargs`` of :class:`TokenCounter` (none yet)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(defer_build=True, extra="forbid")
 
 
 class TokenCounter(RayServeLLMCallback):
