@@ -171,7 +171,10 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert str(spans_file) in out
     traces = startup_traces(read_spans(spans_file))
     assert traces and traces[-1].root.trace_id in out
-    assert traces[-1].phase_names() == SPAN_PHASES
+    # The download task's three parts are there when it got a new Ray worker (the demo's
+    # usual case; a prestarted or reused worker has none).
+    names = traces[-1].phase_names()
+    assert SPAN_PHASES <= names <= SPAN_PHASES | set(catalog.DOWNLOAD_TASK_PHASES), names
     # The metrics endpoint and the dashboards, with how to import them.
     assert re.search(r"http://127\.0\.0\.1:\d+/metrics", out)
     assert catalog.STARTUP_PHASE_DURATION.exposed_name(ray=True) in out
