@@ -186,21 +186,6 @@ class RateLimiter(RayServeLLMCallback):
     #: Monotonic clock (seconds); a test may replace it on an instance.
     clock = staticmethod(time.monotonic)
 
-    def _key(self, kwargs: RequestKwargs) -> str | None:
-        options: RateLimiterOptions = self.options
-        if options.key == "global":
-            return "*"
-        value = kwargs.get("api_key_id") if options.key == "api_key" else kwargs.get("user")
-        if value:
-            known = self._known_keys()
-            if known is not None:
-                # api_key_id is the first 16 hex digits of the token's SHA-256.
-                listed = str(value)[:16].lower() if options.key == "api_key" else str(value)
-                if listed not in known:
-                    return UNLISTED
-            return f"{options.key}:{value}"
-        return None if options.anonymous == "exempt" else "anonymous"
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         options: RateLimiterOptions = self.options
@@ -209,8 +194,20 @@ class RateLimiter(RayServeLLMCallback):
             known = [k[:16].lower() for k in known]  # the request carries 16 hex digits
         self._known: frozenset[str] | None = None if known is None else frozenset(known)
 
-    def _known_keys(self) -> frozenset[str] | None:
-        return self._known
+    def _key(self, kwargs: RequestKwargs) -> str | None:
+        options: RateLimiterOptions = self.options
+        if options.key == "global":
+            return "*"
+        value = kwargs.get("api_key_id") if options.key == "api_key" else kwargs.get("user")
+        if value:
+            known = self._known
+            if known is not None:
+                # api_key_id is the first 16 hex digits of the token's SHA-256.
+                listed = str(value)[:16].lower() if options.key == "api_key" else str(value)
+                if listed not in known:
+                    return UNLISTED
+            return f"{options.key}:{value}"
+        return None if options.anonymous == "exempt" else "anonymous"
 
     def _budgets(self) -> _Budgets:
         budgets: _Budgets | None = self.process_cache.get(_STATE)
