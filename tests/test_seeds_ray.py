@@ -65,6 +65,12 @@ def engine_start(callback: Any) -> None:
     asyncio.run(run())
 
 
+def rays_group(llm_config: Any) -> Any:
+    """The placement group Ray made for the callback (removed by the test when a child
+    replaces it on the ctx, so the module's 4 CPUs are not used up)."""
+    return llm_config.get_or_create_callback().ctx.placement_group
+
+
 def policy_on_node(evs: list[dict[str, Any]]) -> list[str]:
     return [e["download_model"] for e in evs if e["event"] == "ray_download_argument"]
 
@@ -183,11 +189,13 @@ def test_pre_placement_group_false_uses_the_childs_own_group(
     from llm_otel_callbacks import CallbackConfigError  # noqa: F401 - the error type users see
 
     llm_config = config(tiny_model_dir, events, [S + "OwnPlacementGroup"])
+    original = rays_group(llm_config)
     callback = start_like_vllm_engine(llm_config)
     try:
         assert callback.ctx.placement_group.bundle_specs == [{"CPU": 0.01}]
     finally:
         remove_pg(callback)
+        ray.util.remove_placement_group(original)
     bad = config(tiny_model_dir, events, [S + "FalseWithoutPlacementGroup"])
     with pytest.raises(Exception, match=r"did not set ctx\.placement_group"):
         start_like_vllm_engine(bad)
@@ -236,6 +244,7 @@ def test_custom_initialization_replaces_node_init_with_its_group_and_env(
     llm_config = config(tiny_model_dir, events, [
         S + "custom_init", S + "tracking_callback", S + "PolicyProbe",
     ])
+    original = rays_group(llm_config)
     callback = start_like_vllm_engine(llm_config)
     try:
         ctx = callback.ctx
@@ -245,6 +254,7 @@ def test_custom_initialization_replaces_node_init_with_its_group_and_env(
         assert ctx.runtime_env == {"env_vars": {"CUSTOM_INIT": "1"}}
     finally:
         remove_pg(callback)
+        ray.util.remove_placement_group(original)
     evs = read(events)
     assert policy_on_node(evs) == []  # no download task ran
     assert [e["phase"] for e in evs if e["event"] == "phase"] == [
@@ -256,6 +266,7 @@ def test_initialize_class_replaces_node_init(
     ray_local: Any, tiny_model_dir: Path, events: Path
 ) -> None:
     llm_config = config(tiny_model_dir, events, [S + "MyInit", S + "PolicyProbe"])
+    original = rays_group(llm_config)
     callback = start_like_vllm_engine(llm_config)
     try:
         engine_start(callback)
@@ -267,6 +278,7 @@ def test_initialize_class_replaces_node_init(
         assert llm_config.engine_kwargs["max_num_seqs"] == 2
     finally:
         remove_pg(callback)
+        ray.util.remove_placement_group(original)
     assert policy_on_node(read(events)) == []
 
 
