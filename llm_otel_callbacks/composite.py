@@ -18,6 +18,7 @@ from opentelemetry import trace
 
 from . import catalog
 from ._callers import call_async, call_sync, timeout_for
+from ._children import adopt_ctx, build_ray_child, check_kwargs, check_phase_signature
 from ._ctx_changes import Snapshot, diff, snapshot
 from ._observe import HookObserver, error_text
 from ._pickling import pickle_error, unpicklable_attributes
@@ -25,7 +26,6 @@ from ._ray import CALLBACK_BASES, node_model_downloadable
 from ._startup_points import download_result, node_id, server_hooks
 from ._validation import CallbackConfigError
 from .adapters import (
-    CTX_FIELDS,
     NODE_PRE_DOWNLOAD,
     RESERVED_NAMES,
     SEED_CTX_KEY,
@@ -123,21 +123,21 @@ class Composite(RayServeLLMCallback):
                 )
             self.ctx.custom_data.setdefault(name, {})  # the child's namespaced slot
             if is_ray_style(target):
-                return Child(name, self._build_ray_child(name, target, kwargs, policy), policy,
+                return Child(name, build_ray_child(self, name, target, kwargs, policy), policy,
                              spec.timeout_s)
             if is_seed_protocol(target):
-                _check_kwargs(target, kwargs)
+                check_kwargs(target, kwargs)
                 return SeedChild(name, target(**kwargs), policy, spec.timeout_s, self.llm_config)
             if is_initialize_class(target):
-                _check_kwargs(target, kwargs)
+                check_kwargs(target, kwargs)
                 return InitializeChild(
                     name, target(**kwargs), policy, spec.timeout_s, self.llm_config
                 )
             if inspect.isclass(target) and any("__call__" in vars(c) for c in target.__mro__[:-1]):
                 # Seed 002's stateful phase callback: a class whose instances are called.
-                _check_kwargs(target, kwargs)
+                check_kwargs(target, kwargs)
                 instance = target(**kwargs)
-                _check_phase_signature(instance, {})
+                check_phase_signature(instance, {})
                 return FunctionChild(name, instance, policy, spec.timeout_s, self.llm_config)
             if inspect.isclass(target):
                 raise CallbackConfigError(
@@ -149,7 +149,7 @@ class Composite(RayServeLLMCallback):
                     "__call__(phase, llm_config, data)"
                 )
             fn = functools.partial(target, **kwargs) if kwargs else target
-            _check_phase_signature(target, kwargs)
+            check_phase_signature(target, kwargs)
             return FunctionChild(name, fn, policy, spec.timeout_s, self.llm_config)
         except CallbackConfigError as exc:
             # Wrong configuration fails whatever the policy: it is never silently skipped.
@@ -165,55 +165,6 @@ class Composite(RayServeLLMCallback):
                 raise CallbackConfigError(f"{label}: {message}") from exc
             self._child_failed(name, _class_name(target), "__init__", exc, message)
             return None
-
-    def _build_ray_child(
-        self, name: str, target: Any, kwargs: dict[str, Any], policy: bool
-    ) -> Any:
-        """Construct a Ray-style child as Ray would, except that its ``__init__`` already
-        sees the replica's ctx (placement group, download policy, ...): what it writes
-        there reaches the one ctx Ray reads."""
-        if issubclass(target, RayServeLLMCallback):
-            kwargs["callback_name"] = name
-            for field, where in (("telemetry", "on the composite's own callback_kwargs"),
-                                 ("timeout_s", "on the composite's entry for this child")):
-                if field in kwargs:
-                    raise CallbackConfigError(
-                        f"field 'callback_kwargs.{field}': set {field} {where}"
-                    )
-        _check_kwargs(
-            target, kwargs, llm_config=None, raise_error_on_callback=True, ctx_kwargs=None,
-        )
-        given = {f: getattr(self.ctx, f) for f in CTX_FIELDS}
-        instance = target(
-            llm_config=self.llm_config,
-            raise_error_on_callback=policy,
-            ctx_kwargs={**given, "custom_data": self.ctx.custom_data},
-            **kwargs,
-        )
-        self._adopt_ctx(instance, given)
-        if isinstance(instance, RayServeLLMCallback):
-            instance.startup_owner = self
-            # The composite ends the replica's startup, never a child's own dispatch.
-            instance._defer_startup_end = True
-            # Spans a child makes itself (Timing's phases) go where the composite's go.
-            instance.telemetry_settings = self.telemetry_settings
-        return instance
-
-    def _adopt_ctx(self, instance: Any, given: dict[str, Any] | None = None) -> None:
-        """Make ``instance.ctx`` the shared ctx again, keeping what the child wrote to the
-        ctx object it had (its own from ``__init__``, or one it assigned to ``self.ctx``)."""
-        own = getattr(instance, "ctx", None)
-        if own is self.ctx:
-            return
-        if own is not None:
-            for field in CTX_FIELDS:
-                value = getattr(own, field, None)
-                if given is None or value is not given[field]:
-                    setattr(self.ctx, field, value)
-            data = getattr(own, "custom_data", None)
-            if isinstance(data, dict) and data is not self.ctx.custom_data:
-                self.ctx.custom_data.update(data)
-        instance.ctx = self.ctx  # one ctx for all: what a child sets, Ray reads
 
     def _child_failed(
         self, name: str, class_name: str, hook: str, error: BaseException, message: str
@@ -463,7 +414,7 @@ class Composite(RayServeLLMCallback):
         result: Any = None,
     ) -> None:
         if child.kind == "ray":
-            self._adopt_ctx(child.instance)  # it may have assigned a new ctx to self.ctx
+            adopt_ctx(self.ctx, child.instance)  # it may have assigned a new ctx to self.ctx
         self._record_changes(child, before, started[0], parent)
         if result is False and hook == "on_before_node_init":
             self._note_veto(child.name, parent)  # also when node init was already off
@@ -531,34 +482,6 @@ class Composite(RayServeLLMCallback):
                 f"Error running callback method '{hook}' on {type(self).__name__}: {error}"
             ) from error
         super()._after_dispatch(hook, error)
-
-
-def _check_phase_signature(fn: Any, kwargs: dict[str, Any]) -> None:
-    try:
-        inspect.signature(fn).bind("phase", None, {}, **kwargs)
-    except TypeError as exc:
-        raise CallbackConfigError(
-            f"field 'callback_class': function {getattr(fn, '__qualname__', fn)} must accept "
-            f"(phase, llm_config, data) plus callback_kwargs {sorted(kwargs)}: {exc}"
-        ) from None
-    except ValueError:
-        pass  # builtins without a signature: trust them
-
-
-def _check_kwargs(target: Any, kwargs: dict[str, Any], **fixed: Any) -> None:
-    """A class whose ``__init__`` does not take a ``callback_kwargs`` key fails here, naming
-    the key, instead of with a TypeError from inside the constructor."""
-    try:
-        signature = inspect.signature(target)
-    except (TypeError, ValueError):
-        return  # no signature to check against (C types): the constructor decides
-    try:
-        signature.bind(**fixed, **kwargs)
-    except TypeError as exc:
-        raise CallbackConfigError(
-            f"field 'callback_kwargs': {getattr(target, '__qualname__', target)} does not "
-            f"accept these keyword arguments ({exc})"
-        ) from None
 
 
 def _class_name(target: Any) -> str:
