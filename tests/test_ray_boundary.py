@@ -305,8 +305,8 @@ def test_ray_backed_accessors_resolve_on_a_running_ray(ray_local: Any) -> None:
         return _ray.replica_info()
 
     assert ray.get(in_a_task.remote()) is None
-    # Inside a replica it is a _ray.ReplicaInfo: tests/test_serve_e2e.py checks the Serve
-    # resource attributes it fills on the request spans.
+    # Inside a replica it is a _ray.ReplicaInfo: tests/test_e2e_startup.py checks the Serve
+    # resource attributes it fills on the startup spans.
 
 
 def test_every_accessor_of_the_boundary_is_resolved_by_a_test_here() -> None:
