@@ -134,15 +134,32 @@ def _bases() -> tuple[type, ...]:
         found.append(internal)
     except ImportError:  # a Ray that dropped the internal module
         pass
-    try:
-        from ray.serve.llm.callbacks import (  # type: ignore[attr-defined,unused-ignore]
-            CallbackBase as public,
-        )
+    # Importing ray.serve.llm.callbacks imports the ray.serve.llm package, and with it vLLM and
+    # torch (~10 s in every process that unpickles a callback): only where the module exists.
+    if _public_callbacks_module_exists():
+        try:
+            from ray.serve.llm.callbacks import (  # type: ignore[attr-defined,unused-ignore]
+                CallbackBase as public,
+            )
 
-        found.append(public)
-    except ImportError:  # Ray 2.60 has no public module
-        pass
+            found.append(public)
+        except ImportError:
+            pass
     return tuple(dict.fromkeys(found))
+
+
+def _public_callbacks_module_exists() -> bool:
+    """Whether this Ray ships ``ray.serve.llm.callbacks`` (Ray 2.59-2.60 do not), looked up
+    on disk so that the answer costs no import of ``ray.serve.llm``."""
+    import ray
+
+    for root in getattr(ray, "__path__", ()):
+        folder = os.path.join(root, "serve", "llm")
+        if os.path.isfile(os.path.join(folder, "callbacks.py")) or os.path.isfile(
+            os.path.join(folder, "callbacks", "__init__.py")
+        ):
+            return True
+    return False
 
 
 CALLBACK_BASES: tuple[type, ...] = _bases()

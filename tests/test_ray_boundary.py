@@ -313,3 +313,19 @@ def test_every_accessor_of_the_boundary_is_resolved_by_a_test_here() -> None:
     source = Path(__file__).read_text()
     untested = [name for name in _ray.__all__ if f"_ray.{name}" not in source]
     assert untested == []
+
+
+def test_callback_bases_include_rays_callback_base_without_importing_vllm() -> None:
+    from ray.llm._internal.common.callbacks.base import CallbackBase as Internal
+
+    assert Internal in _ray.CALLBACK_BASES
+    assert _ray.CallbackBase in _ray.CALLBACK_BASES
+    # The Ray-facing part of the package loads no vLLM (a download task unpickling a callback
+    # would pay ~10 s for it): checked in a fresh interpreter.
+    code = ("import json, sys; from llm_otel_callbacks import RayServeLLMCallback, Composite; "
+            "import llm_otel_callbacks.builtin.timing; "
+            "print(json.dumps([m in sys.modules for m in ('vllm', 'torch', 'ray.serve.llm')]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[false, false, false]"
