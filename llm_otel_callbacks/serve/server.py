@@ -72,7 +72,7 @@ class ObservedLLMServer(LLMServer):  # type: ignore[misc,valid-type]
         await phase.ready()
         if self.engine is not None:
             observer = _request_observer(
-                callback, model, tel, self.engine, vllm_traces_requests(self._llm_config)
+                callback, model, tel, self.engine, vllm_traces_requests(llm_config)
             )
             if observer is not None:
                 self.engine = ObservedEngine(self.engine, observer)
