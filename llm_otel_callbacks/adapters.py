@@ -386,14 +386,15 @@ class FunctionChild(Child):
 
         def run() -> Any:
             data, given = _phase_data(ctx)
+            had_skip = bool(data.get("skip_default"))  # set by an earlier function?
             result = fn(phase, llm_config, data)
             if inspect.isawaitable(result):
 
                 async def finish() -> bool | None:
-                    return _write_back(ctx, data, given, await result, phase)
+                    return _write_back(ctx, data, given, await result, phase, had_skip)
 
                 return finish()
-            return _write_back(ctx, data, given, result, phase)
+            return _write_back(ctx, data, given, result, phase, had_skip)
 
         return run
 
@@ -410,7 +411,8 @@ def _phase_data(ctx: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _write_back(
-    ctx: Any, data: dict[str, Any], given: dict[str, Any], result: Any, phase: str
+    ctx: Any, data: dict[str, Any], given: dict[str, Any], result: Any, phase: str,
+    had_skip: bool = False,
 ) -> bool | None:
     """Apply what a phase function set or returned; False when it vetoed node init."""
     if isinstance(result, Mapping):
@@ -437,7 +439,8 @@ def _write_back(
                 seed[key] = coerce_ctx_value(key, value)
     if data.get("skip_default") and phase == "pre_initialization":
         ctx.run_init_node = False
-        return False
+        if not had_skip:
+            return False  # this function vetoed (not one before it)
     return None
 
 
