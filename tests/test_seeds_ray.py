@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from llm_otel_callbacks import catalog
-from llm_otel_callbacks.serve._engine_start import merge_extra_init_kwargs
+from llm_otel_callbacks.serve._engine_start import dispatches, merge_extra_init_kwargs
 from llm_otel_callbacks.telemetry import reset_telemetry
 from tests._support.flow import make_llm_config, remove_pg, start_like_vllm_engine
 from tests._support.otlp_receiver import OtlpHttpReceiver
@@ -58,9 +58,12 @@ def engine_start(callback: Any) -> None:
     server); extra_init_kwargs are merged between them, before the engine is built."""
 
     async def run() -> None:
-        await callback.run_callback("on_before_engine_start")
+        # As EngineStart does: a hook nobody has is not dispatched (Ray would raise).
+        if dispatches(callback, "on_before_engine_start"):
+            await callback.run_callback("on_before_engine_start")
         merge_extra_init_kwargs(callback)
-        await callback.run_callback("on_after_engine_start")
+        if dispatches(callback, "on_after_engine_start"):
+            await callback.run_callback("on_after_engine_start")
 
     asyncio.run(run())
 
