@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "HookTimeoutError": "._callers",
     "PoolFullError": "._callers",
-    "InitializeNodeOutput": ".adapters",
+    "InitializeNodeOutput": "._init_output",
     "CallbackConfigError": "._validation",
     "Count": "._validation",
     "Number": "._validation",
@@ -29,8 +29,8 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from ._callers import HookTimeoutError, PoolFullError
+    from ._init_output import InitializeNodeOutput
     from ._validation import CallbackConfigError, Count, Number
-    from .adapters import InitializeNodeOutput
     from .base import HookTarget, RayServeLLMCallback
     from .catalog import MetricSpec
     from .composite import ChildHookError, Composite, CompositeCallback

@@ -88,3 +88,15 @@ def check_kwargs(target: Any, kwargs: dict[str, Any], **fixed: Any) -> None:
             f"field 'callback_kwargs': {getattr(target, '__qualname__', target)} does not "
             f"accept these keyword arguments ({exc})"
         ) from None
+
+
+def _class_name(target: Any) -> str:
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+
+
+class _PickleError(TypeError):
+    """Stands for a pickling failure in a span and the outcome metric."""
+
+
+def _prefix(label: str, message: str) -> str:
+    return message if message.startswith(label) else f"{label}: {message}"

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from ._callers import BoundedPool, Timeout
+from ._init_output import SEED_CTX_KEY, apply_init_output, seed_ctx
 from ._ray import CALLBACK_BASES, CallbackCtx, node_model_downloadable
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,6 @@ CTX_FIELDS: tuple[str, ...] = tuple(
 #: ``extra_init_kwargs`` (merged into the engine kwargs by ObservedLLMServer) and
 #: ``download_result`` (read-only: the model path Ray's download tasks returned).
 SEED_FIELDS: tuple[str, ...] = ("local_node_download_model", "extra_init_kwargs", "download_result")
-SEED_CTX_KEY = "seed_ctx"
 #: ``ctx.custom_data`` key of the ``data`` dict all phase functions share (seed 002).
 PHASE_DATA_KEY = "phase_data"
 RESERVED_NAMES = frozenset({SEED_CTX_KEY, PHASE_DATA_KEY})
@@ -99,11 +99,6 @@ class Step(NamedTuple):
     stage: str = ""
     only_if_replaced: bool = False
     """Run only when Ray's node initialization is being replaced (custom_initialization)."""
-
-
-def seed_ctx(ctx: Any) -> dict[str, Any]:
-    """The seed-only ctx fields (travel with the ctx into Ray's download tasks)."""
-    return ctx.custom_data.setdefault(SEED_CTX_KEY, {})  # type: ignore[no-any-return]
 
 
 def is_ray_style(obj: Any) -> bool:
@@ -279,50 +274,6 @@ def _apply_seed_result(
             "on_pre_download and on_pre_placement_group means something)",
             name, type(result).__name__, method,
         )
-
-
-@dataclasses.dataclass
-class InitializeNodeOutput:
-    """What an ``initialize(llm_config)`` child returns (any object with these attributes,
-    or a mapping with these keys, works too)."""
-
-    placement_group: Any = None
-    runtime_env: dict[str, Any] | None = None
-    extra_init_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-_OUTPUT_FIELDS = ("placement_group", "runtime_env", "extra_init_kwargs")
-
-
-def apply_init_output(ctx: Any, output: Any, where: str) -> None:
-    """Apply an ``initialize()`` / ``custom_initialization`` result: Ray's node init is
-    skipped and its engine uses the returned placement group and runtime env."""
-    if output is None:
-        raise ValueError(f"{where} returned None; return an InitializeNodeOutput (or a mapping)")
-    if isinstance(output, Mapping):
-        unknown = sorted(str(k) for k in output if k not in _OUTPUT_FIELDS)
-        if unknown:
-            raise ValueError(
-                f"{where} returned unknown key(s) {unknown}; allowed: {', '.join(_OUTPUT_FIELDS)}"
-            )
-        values = {k: output.get(k) for k in _OUTPUT_FIELDS}
-    else:
-        missing = [k for k in ("placement_group", "runtime_env") if not hasattr(output, k)]
-        if missing:
-            raise ValueError(
-                f"{where} returned a {type(output).__name__} without {', '.join(missing)}"
-            )
-        values = {k: getattr(output, k, None) for k in _OUTPUT_FIELDS}
-    ctx.run_init_node = False
-    if values["placement_group"] is not None:
-        ctx.placement_group = values["placement_group"]
-    if values["runtime_env"] is not None:
-        ctx.runtime_env = values["runtime_env"]
-    extra = values["extra_init_kwargs"]
-    if extra:
-        if not isinstance(extra, Mapping):
-            raise ValueError(f"{where}: extra_init_kwargs must be a mapping")
-        seed_ctx(ctx).setdefault("extra_init_kwargs", {}).update(extra)
 
 
 class InitializeChild(Child):

@@ -18,8 +18,17 @@ from opentelemetry import trace
 
 from . import catalog
 from ._callers import call_async, call_sync, timeout_for
-from ._children import adopt_ctx, build_ray_child, check_kwargs, check_phase_signature
+from ._children import (
+    _class_name,
+    _PickleError,
+    _prefix,
+    adopt_ctx,
+    build_ray_child,
+    check_kwargs,
+    check_phase_signature,
+)
 from ._ctx_changes import Snapshot, diff, snapshot
+from ._init_output import SEED_CTX_KEY, seed_ctx
 from ._observe import HookObserver, error_text
 from ._pickling import pickle_error, unpicklable_attributes
 from ._ray import CALLBACK_BASES, node_model_downloadable
@@ -28,7 +37,6 @@ from ._validation import CallbackConfigError
 from .adapters import (
     NODE_PRE_DOWNLOAD,
     RESERVED_NAMES,
-    SEED_CTX_KEY,
     Child,
     FunctionChild,
     InitializeChild,
@@ -37,7 +45,6 @@ from .adapters import (
     is_initialize_class,
     is_ray_style,
     is_seed_protocol,
-    seed_ctx,
 )
 from .base import HookTarget, RayServeLLMCallback
 from .config import ChildSpec, CompositeOptions, parse_child_specs
@@ -484,19 +491,7 @@ class Composite(RayServeLLMCallback):
         super()._after_dispatch(hook, error)
 
 
-def _class_name(target: Any) -> str:
-    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
-
-
 _PICKLING = threading.local()
-
-
-class _PickleError(TypeError):
-    """Stands for a pickling failure in a span and the outcome metric."""
-
-
-def _prefix(label: str, message: str) -> str:
-    return message if message.startswith(label) else f"{label}: {message}"
 
 
 CompositeCallback = Composite

@@ -21,8 +21,8 @@ from typing import Any
 from opentelemetry.trace import Span, Status, StatusCode
 
 from .. import catalog
+from .._init_output import SEED_CTX_KEY
 from .._ray import hook_method
-from ..adapters import SEED_CTX_KEY
 from ..base import RayServeLLMCallback
 from ..builtin.timing import Timing
 from ..telemetry.providers import Telemetry
