@@ -23,7 +23,7 @@ def build_ray_child(
                              ("timeout_s", "on the composite's entry for this child")):
             if field in kwargs:
                 raise CallbackConfigError(
-                    f"field 'callback_kwargs.{field}': set {field} {where}"
+                    f"field 'callback_kwargs.{field}': set '{field}' {where}"
                 )
     check_kwargs(
         target, kwargs, llm_config=None, raise_error_on_callback=True, ctx_kwargs=None,
