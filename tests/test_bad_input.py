@@ -255,11 +255,12 @@ def test_composite_rejects_bad_entries_naming_entry_and_field(
     assert f"callbacks[{index}]" in message, message
     assert names_field(message, field) or f"'{clip(field)}'" in message, message
     # The other entries are not blamed.
-    for other in range(len(entries)):
-        if other != index:
-            assert f"callbacks[{other}] (" not in message.replace(
-                f"already used by callbacks[{other}]", ""
-            ), message
+    blamed = [
+        other for other in range(len(entries))
+        if other != index
+        and f"callbacks[{other}] (" in message.replace(f"already used by callbacks[{other}]", "")
+    ]
+    assert blamed == [], message
 
 
 @SETTINGS
@@ -332,11 +333,14 @@ def test_valid_entries_construct_with_the_values_given(
         expected_timeout = entry.get("timeout_s")
         assert child.timeout_s == (None if expected_timeout is None else float(expected_timeout))
         assert child.raise_error is entry.get("raise_error_on_callback", default_policy)
-        if entry["callback_class"].endswith("NoopChild"):
-            assert child.instance.kwargs == entry["callback_kwargs"]
-            assert child.instance.callback_name == entry["name"]
-        if entry["callback_class"].endswith("SeedStyleChild"):
-            assert child.instance.note == entry["callback_kwargs"]["note"]
+    # Each child kind got what its entry gave (kwargs, name; the seed child's note).
+    pairs = list(zip(callback.children, entries, strict=True))
+    noop = [(c, e) for c, e in pairs if e["callback_class"].endswith("NoopChild")]
+    seed = [(c, e) for c, e in pairs if e["callback_class"].endswith("SeedStyleChild")]
+    assert [(c.instance.kwargs, c.instance.callback_name) for c, _ in noop] == [
+        (e["callback_kwargs"], e["name"]) for _, e in noop
+    ]
+    assert [c.instance.note for c, _ in seed] == [e["callback_kwargs"]["note"] for _, e in seed]
 
 
 # --- built-ins ----------------------------------------------------------------------------------
