@@ -196,17 +196,21 @@ def _stage_step(stage: str, fn: Hook, only_if_replaced: bool = False) -> tuple[s
     return hook, Step(rank, fn, stage, only_if_replaced)
 
 
-class SeedChild(Child):
-    """A seed-protocol class (000/001 or 003): each method runs in its stage, on a view of
-    the ctx with ``llm_config`` and the seed-only fields."""
-
-    kind = "seed"
+class _ConfigChild(Child):
+    """A child whose hooks are handed the ``LLMConfig`` (seed, initialize and phase styles)."""
 
     def __init__(
         self, name: str, instance: Any, raise_error: bool, timeout_s: Timeout, llm_config: Any
     ) -> None:
         super().__init__(name, instance, raise_error, timeout_s)
         self.llm_config = llm_config
+
+
+class SeedChild(_ConfigChild):
+    """A seed-protocol class (000/001 or 003): each method runs in its stage, on a view of
+    the ctx with ``llm_config`` and the seed-only fields."""
+
+    kind = "seed"
 
     def steps(self, hook: str, ctx: Any, sync: bool) -> list[Step]:
         out = []
@@ -276,17 +280,11 @@ def _apply_seed_result(
         )
 
 
-class InitializeChild(Child):
+class InitializeChild(_ConfigChild):
     """The original full replacement: ``initialize(llm_config)`` replaces Ray's node
     initialization (in the custom_initialization stage of ``on_before_node_init``)."""
 
     kind = "initialize"
-
-    def __init__(
-        self, name: str, instance: Any, raise_error: bool, timeout_s: Timeout, llm_config: Any
-    ) -> None:
-        super().__init__(name, instance, raise_error, timeout_s)
-        self.llm_config = llm_config
 
     def steps(self, hook: str, ctx: Any, sync: bool) -> list[Step]:
         if hook != "on_before_node_init":
@@ -309,17 +307,11 @@ class InitializeChild(Child):
         return [_stage_step("custom_initialization", run)[1]]
 
 
-class FunctionChild(Child):
+class FunctionChild(_ConfigChild):
     """A phase function (or a callable object): called once per phase with a ``data`` dict
     all phase functions of the composite share (seed 002's ``CallbackRunner.data``)."""
 
     kind = "function"
-
-    def __init__(
-        self, name: str, instance: Any, raise_error: bool, timeout_s: Timeout, llm_config: Any
-    ) -> None:
-        super().__init__(name, instance, raise_error, timeout_s)
-        self.llm_config = llm_config
 
     def steps(self, hook: str, ctx: Any, sync: bool) -> list[Step]:
         out = []
