@@ -75,8 +75,16 @@ class BoundedPool:
     def threads(self) -> int:
         return self._started
 
-    def submit(self, job: Callable[[], None], hook: str, timeout_s: float) -> None:
-        """Run ``job`` on a worker; raises :class:`PoolFullError` when none is free."""
+    def submit(
+        self, job: Callable[[], None], hook: str, timeout_s: float,
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``job`` on a worker; raises :class:`PoolFullError` when none is free.
+
+        ``done`` is called after the worker is back in the pool. Signal the caller through
+        it, not from ``job``: a caller woken by ``job`` itself could submit again before the
+        worker counts as idle, and a second thread would start for a sequential caller.
+        """
         if not self._free.acquire(blocking=False):
             raise PoolFullError(hook, timeout_s, self.workers)
 
@@ -84,7 +92,11 @@ class BoundedPool:
             try:
                 job()
             finally:
+                with self._lock:
+                    self._idle += 1
                 self._free.release()
+                if done is not None:
+                    done()
 
         with self._lock:
             spawn = self._idle == 0 and self._started < self.workers
@@ -100,10 +112,7 @@ class BoundedPool:
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
-            job()
-            with self._lock:
-                self._idle += 1
+            self._jobs.get()()
 
 
 _DEFAULT_POOL = BoundedPool()
@@ -130,18 +139,22 @@ def _in_thread(
     ctx = contextvars.copy_context()
     done = threading.Event()
 
-    def target() -> None:
+    def work() -> None:
         try:
             box["value"] = ctx.run(fn)
         except BaseException as exc:
             box["error"] = exc
+
+    def target() -> None:
+        try:
+            work()
         finally:
             done.set()
 
     if pool is None or timeout_s is None:
         threading.Thread(target=target, name=f"llm-callback-{hook}", daemon=True).start()
     else:
-        pool.submit(target, hook, timeout_s)
+        pool.submit(work, hook, timeout_s, done=done.set)
     if not done.wait(timeout_s):
         raise HookTimeoutError(hook, timeout_s or 0.0)
     if "error" in box:
@@ -203,17 +216,21 @@ def _on_pool(
         else:
             future.set_result(value)
 
+    box: list[Any] = [None, None]
+
     def target() -> None:
         try:
-            value, error = ctx.run(fn, *args), None
+            box[0] = ctx.run(fn, *args)
         except BaseException as exc:
-            value, error = None, exc
+            box[1] = exc
+
+    def done() -> None:
         try:
-            loop.call_soon_threadsafe(settle, value, error)
+            loop.call_soon_threadsafe(settle, box[0], box[1])
         except RuntimeError:
             pass  # the loop is gone: nobody waits for this hook any more
 
-    pool.submit(target, hook, timeout_s)
+    pool.submit(target, hook, timeout_s, done=done)
     return future
 
 

@@ -165,6 +165,7 @@ def test_hundred_thousand_hook_calls_keep_memory_and_threads_flat(
     _dispatch(composite, WARMUP)
     time.sleep(0.5)  # the batch processor's thread drains what the warm-up queued
     threads_before = threading.active_count()
+    idents_before = {t.ident for t in threading.enumerate()}
     rss_before = _rss_mib(proc)
 
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -185,6 +186,8 @@ def test_hundred_thousand_hook_calls_keep_memory_and_threads_flat(
         "rss_before_mib": round(rss_before, 1), "rss_after_mib": round(rss_after, 1),
         "rss_growth_mib": round(rss_after - rss_before, 2),
         "threads_before": threads_before, "threads_after": threads_after,
+        "new_threads": sorted(t.name for t in threading.enumerate()
+                              if t.ident not in idents_before),
         "dispatches_per_s": round(CALLS / elapsed),
         "child_calls_per_s": round(CALLS * len(composite.children) / elapsed),
         # CPU seconds of this process (all its threads): what the run costs whatever else

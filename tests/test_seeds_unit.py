@@ -78,6 +78,27 @@ def test_composite_child_timeout_mapping_and_pool_per_child() -> None:
     assert composite.hook_targets()[0].pool is child.pool
 
 
+def test_sequential_timed_calls_reuse_one_worker_thread() -> None:
+    """A caller that waits for each call never needs a second worker. The race this guards:
+    the caller was woken before the worker counted itself idle, so the next call started
+    another thread (seen in CI as one extra thread after 20,000 calls)."""
+    from llm_otel_callbacks._callers import BoundedPool, call_async, call_sync
+
+    def quick() -> int:
+        return 1
+
+    sync_pool, async_pool = BoundedPool(), BoundedPool()
+    for _ in range(3000):
+        assert call_sync(quick, "h", 5.0, pool=sync_pool) == 1
+
+    async def run() -> None:
+        for _ in range(3000):
+            assert await call_async(quick, "h", 5.0, pool=async_pool) == 1
+
+    asyncio.run(run())
+    assert (sync_pool.threads, async_pool.threads) == (1, 1)
+
+
 @pytest.mark.parametrize("timeout", [{"on_no_such_hook": 1}, {DOWNLOAD: 0}, {DOWNLOAD: True},
                                      -1, "soon"])
 def test_bad_timeouts_are_refused_naming_the_field(timeout: Any) -> None:
