@@ -4,6 +4,7 @@ real OTLP/HTTP export, metrics after a real scrape of Ray's metrics export port.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from llm_otel_callbacks import catalog
 from llm_otel_callbacks.telemetry import reset_telemetry
@@ -289,3 +292,44 @@ def test_download_hook_on_every_node_joins_one_trace(
             node.metrics_url, calls,
             lambda ss: any(lb.get("hook") == HOOKS[1] for lb, _ in ss), timeout=60,
         )
+
+
+
+@ray.remote(num_cpus=0)
+def _start_as_replica(llm_config: object) -> str | None:
+    # The replica's side of the flow, run on the node this task is pinned to (a Serve replica
+    # may live on any node of the group). Returns the node the Composite took as its own.
+    callback = start_like_vllm_engine(llm_config)
+    remove_pg(callback)
+    return callback.replica_node_id  # type: ignore[no-any-return]
+
+
+@pytest.mark.cluster
+def test_seed_local_node_download_model_is_the_policy_of_the_replicas_node_only(
+    ray_two_nodes, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Seed 000's LocalNodePolicy sets local_node_download_model=TOKENIZER_ONLY and
+    # worker_node_download_model=EXCLUDE_SAFETENSORS; PolicyProbe records, in each node's
+    # download task, the policy Ray's download_model_files received, with that task's node.
+    events = tmp_path / "events.jsonl"
+    seeds = "tests.seed_callbacks."
+    llm_config = make_llm_config(
+        tiny_model_dir, "llm_otel_callbacks.Composite",
+        {"callbacks": [seeds + "LocalNodePolicy", seeds + "PolicyProbe"]},
+        bundles=[{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD",
+        runtime_env={"env_vars": {"SEED_EVENTS": str(events)}},
+    )
+    nodes = [n.node_id for n in ray_two_nodes.nodes]
+    # The replica on each node in turn (one runtime env, so the second run reuses workers):
+    # the local policy follows the replica, it is not tied to the head or the first bundle.
+    for replica in nodes:
+        events.write_text("")
+        pinned = NodeAffinitySchedulingStrategy(node_id=replica, soft=False)
+        task = _start_as_replica.options(scheduling_strategy=pinned).remote(llm_config)
+        assert ray.get(task, timeout=120) == replica
+        evs = [json.loads(line) for line in events.read_text().splitlines()]
+        assert len(evs) == 2  # one download task per node, nothing else recorded
+        policy = {e["node"]: e["download_model"] for e in evs}
+        assert policy == {
+            n: "TOKENIZER_ONLY" if n == replica else "EXCLUDE_SAFETENSORS" for n in nodes
+        }, f"replica on {replica}"

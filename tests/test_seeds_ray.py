@@ -146,6 +146,7 @@ def test_local_node_download_model_is_the_policy_of_the_replicas_node(
     ray_local: Any, tiny_model_dir: Path, events: Path
 ) -> None:
     # One node: the replica's own. Its task gets local_node_download_model, not the worker one.
+    # (Two nodes, replica on each: test_core_ray's test_seed_local_node_download_model_...)
     llm_config = config(tiny_model_dir, events, [S + "LocalNodePolicy", S + "PolicyProbe"])
     remove_pg(start_like_vllm_engine(llm_config))
     assert policy_on_node(read(events)) == ["TOKENIZER_ONLY"]
