@@ -8,7 +8,7 @@ from typing import Any
 
 from ._validation import CallbackConfigError
 from .adapters import CTX_FIELDS
-from .base import RayServeLLMCallback
+from .base import BUILDING_CHILD, RayServeLLMCallback
 
 
 def build_ray_child(
@@ -29,12 +29,16 @@ def build_ray_child(
         target, kwargs, llm_config=None, raise_error_on_callback=True, ctx_kwargs=None,
     )
     given = {f: getattr(composite.ctx, f) for f in CTX_FIELDS}
-    instance = target(
-        llm_config=composite.llm_config,
-        raise_error_on_callback=policy,
-        ctx_kwargs={**given, "custom_data": composite.ctx.custom_data},
-        **kwargs,
-    )
+    token = BUILDING_CHILD.set(True)
+    try:
+        instance = target(
+            llm_config=composite.llm_config,
+            raise_error_on_callback=policy,
+            ctx_kwargs={**given, "custom_data": composite.ctx.custom_data},
+            **kwargs,
+        )
+    finally:
+        BUILDING_CHILD.reset(token)
     adopt_ctx(composite.ctx, instance, given)
     if isinstance(instance, RayServeLLMCallback):
         instance.startup_owner = composite
@@ -100,3 +104,14 @@ class _PickleError(TypeError):
 
 def _prefix(label: str, message: str) -> str:
     return message if message.startswith(label) else f"{label}: {message}"
+
+
+def check_places(children: list[Any], indices: list[int]) -> None:
+    """Let each child of ours refuse what runs before it (``check_callbacks_before``);
+    ``indices``: each child's position in the ``callbacks`` list, for the message."""
+    for i, (index, child) in enumerate(zip(indices, children, strict=True)):
+        if isinstance(child.instance, RayServeLLMCallback):
+            try:
+                child.instance.check_callbacks_before([c.instance for c in children[:i]])
+            except CallbackConfigError as exc:
+                raise CallbackConfigError(f"callbacks[{index}] ({child.name}): {exc}") from None

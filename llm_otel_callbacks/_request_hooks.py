@@ -24,7 +24,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,11 +38,38 @@ from ._observe import error_text, outcome_of
 from .adapters import REQUEST_HOOKS as REQUEST_HOOKS
 from .base import HookTarget
 from .composite import ChildHookError
-from .telemetry.metrics import Recorder
+from .telemetry.metrics import NULL_RECORDER, Recorder
 
 logger = logging.getLogger(__name__)
 
 ON_START, ON_END, ON_ERROR, ON_CHUNK = REQUEST_HOOKS
+
+#: While a request hook runs: the kwargs it shares with the later callbacks' calls of the same
+#: hook (see :func:`share_kwargs`), and the names the server itself passes.
+_SHARED: ContextVar[tuple[dict[str, Any], frozenset[str]] | None] = ContextVar(
+    "llm_otel_callbacks_shared_kwargs", default=None
+)
+
+
+def share_kwargs(**values: Any) -> bool:
+    """From a request hook: pass ``values`` as keyword arguments to the callbacks after this
+    one, in their calls of the same hook for the same request.
+
+    :class:`~llm_otel_callbacks.builtin.CostTracker` passes ``cost`` this way, which is how a
+    later callback's ``on_llm_end`` gets ``kwargs["cost"]`` (seed 004). A name the server
+    passes itself (``model``, ``prompt_tokens`` ...) cannot be replaced: ValueError. Returns
+    False, passing nothing, where there is no later call to pass to: outside a request hook
+    (a hook called directly, as in a unit test) and in ``on_llm_stream_chunk``.
+    """
+    state = _SHARED.get()
+    if state is None:
+        return False
+    shared, server_keys = state
+    taken = sorted(server_keys.intersection(values))
+    if taken:
+        raise ValueError(f"share_kwargs: {', '.join(taken)} passed by the server itself")
+    shared.update(values)
+    return True
 
 
 class RequestRejected(Exception):
@@ -124,6 +153,16 @@ class StreamedResponse:
         return self.usage.completion_tokens
 
 
+class ChunkStats:
+    """One stream's successful stream-chunk calls and their summed seconds, per target."""
+
+    __slots__ = ("calls", "seconds")
+
+    def __init__(self, targets: int) -> None:
+        self.calls = [0] * targets
+        self.seconds = [0.0] * targets
+
+
 @dataclass(frozen=True)
 class BoundHook:
     """One target's implementation of one request hook."""
@@ -162,6 +201,7 @@ class RequestHooks:
         calls: Recorder,
         model: str,
         *,
+        durations: Recorder = NULL_RECORDER,
         record_exception_messages: bool = True,
     ) -> None:
         self.start = resolve(targets, ON_START)
@@ -170,6 +210,7 @@ class RequestHooks:
         self.chunk = resolve(targets, ON_CHUNK)
         self.any = bool(self.start or self.end or self.error or self.chunk)
         self._calls = calls
+        self._durations = durations
         self._model = model
         # Off: spans and log lines get the error's type, never its message (secrets).
         self._record_message = record_exception_messages
@@ -183,7 +224,7 @@ class RequestHooks:
         kwargs: Mapping[str, Any],
         span: Span,
         *,
-        ok_counts: list[int] | None = None,
+        chunk_stats: ChunkStats | None = None,
     ) -> None:
         """Call ``hook`` on each target in order.
 
@@ -191,53 +232,98 @@ class RequestHooks:
         (a target with the raise policy failed); everything else is recorded and swallowed.
         ``on_llm_end`` and ``on_llm_error`` are where targets clean up, so every target gets
         them even when one raises; the first error is raised after the last target ran.
-        Successful calls are counted in the metric, or, when ``ok_counts`` is given (one slot
-        per target, for stream chunks), there, to be counted at once with :meth:`count`.
+
+        Each call is timed: a ``llm_callback.hook_call`` event on the request span and a point
+        of the duration and calls metrics. Stream chunks (``chunk_stats`` given) are only
+        added up here; :meth:`flush_chunks` records them once per stream.
         """
         finish_all = hook in (ON_END, ON_ERROR)
         first_error: ChildHookError | None = None
-        for i, b in enumerate(bound):
-            try:
-                if b.timeout_s is None:
-                    result = b.fn(arg, **kwargs)
-                    if b.is_async or inspect.isawaitable(result):
-                        await result
+        shared: dict[str, Any] | None = None
+        token = None
+        if chunk_stats is None:
+            shared = {}
+            token = _SHARED.set((shared, frozenset(kwargs)))
+        try:
+            for i, b in enumerate(bound):
+                t0 = time.perf_counter()
+                try:
+                    if b.timeout_s is None:
+                        result = b.fn(arg, **kwargs)
+                        if b.is_async or inspect.isawaitable(result):
+                            await result
+                    else:
+                        await call_async(functools.partial(b.fn, **kwargs), hook, b.timeout_s,
+                                         arg, pool=b.pool)
+                except RequestRejected as rejection:
+                    if hook != ON_START:
+                        self._failed(hook, b, rejection, span, time.perf_counter() - t0)
+                        continue
+                    # The hook did its job: a rejection is an ok call.
+                    self._ok(hook, b, span, time.perf_counter() - t0)
+                    rejection.rejected_by = b.name
+                    raise
+                except Exception as exc:
+                    self._failed(hook, b, exc, span, time.perf_counter() - t0)
+                    if b.raise_error:
+                        error = ChildHookError(b.name, hook, exc)
+                        error.__cause__ = exc
+                        if not finish_all:
+                            raise error from exc
+                        if first_error is None:
+                            first_error = error
                 else:
-                    await call_async(
-                        functools.partial(b.fn, **kwargs), hook, b.timeout_s, arg, pool=b.pool
-                    )
-            except RequestRejected as rejection:
-                if hook != ON_START:
-                    self._failed(hook, b, rejection, span)
-                    continue
-                rejection.rejected_by = b.name
-                raise
-            except Exception as exc:
-                self._failed(hook, b, exc, span)
-                if b.raise_error:
-                    error = ChildHookError(b.name, hook, exc)
-                    error.__cause__ = exc
-                    if not finish_all:
-                        raise error from exc
-                    if first_error is None:
-                        first_error = error
-            else:
-                if ok_counts is None:
-                    self._calls.add((self._model, hook, b.name, catalog.OUTCOME_OK))
-                else:
-                    ok_counts[i] += 1
+                    if chunk_stats is None:
+                        self._ok(hook, b, span, time.perf_counter() - t0)
+                    else:
+                        chunk_stats.calls[i] += 1
+                        chunk_stats.seconds[i] += time.perf_counter() - t0
+                if shared:
+                    kwargs = {**kwargs, **shared}
+                    shared.clear()
+        finally:
+            if token is not None:
+                _SHARED.reset(token)
         if first_error is not None:
             raise first_error
 
-    def count(self, hook: str, name: str, calls: int) -> None:
-        """Count ``calls`` successful calls at once (stream-chunk hooks, once per stream)."""
-        if calls:
-            self._calls.add((self._model, hook, name, catalog.OUTCOME_OK), float(calls))
+    def flush_chunks(
+        self, bound: tuple[BoundHook, ...], stats: ChunkStats, span: Span
+    ) -> None:
+        """Record one stream's successful chunk-hook calls: per target, one count of its
+        calls, one duration point (their summed time) and one event."""
+        recording = span.is_recording()
+        for b, calls, seconds in zip(bound, stats.calls, stats.seconds, strict=True):
+            if not calls:
+                continue
+            labels = (self._model, ON_CHUNK, b.name, catalog.OUTCOME_OK)
+            self._calls.add(labels, float(calls))
+            self._durations.record(labels, seconds)
+            if recording:
+                span.add_event(catalog.EVENT_HOOK_CALL, {
+                    catalog.A_HOOK: ON_CHUNK, catalog.A_CALLBACK: b.name,
+                    catalog.A_OUTCOME: catalog.OUTCOME_OK, catalog.A_HOOK_SECONDS: seconds,
+                    catalog.A_HOOK_CALLS: calls,
+                })
 
-    def _failed(self, hook: str, b: BoundHook, exc: BaseException, span: Span) -> None:
+    def _ok(self, hook: str, b: BoundHook, span: Span, seconds: float) -> None:
+        labels = (self._model, hook, b.name, catalog.OUTCOME_OK)
+        self._calls.add(labels)
+        self._durations.record(labels, seconds)
+        if span.is_recording():
+            span.add_event(catalog.EVENT_HOOK_CALL, {
+                catalog.A_HOOK: hook, catalog.A_CALLBACK: b.name,
+                catalog.A_OUTCOME: catalog.OUTCOME_OK, catalog.A_HOOK_SECONDS: seconds,
+            })
+
+    def _failed(
+        self, hook: str, b: BoundHook, exc: BaseException, span: Span, seconds: float
+    ) -> None:
         outcome = outcome_of(exc)
         try:
-            self._calls.add((self._model, hook, b.name, outcome))
+            labels = (self._model, hook, b.name, outcome)
+            self._calls.add(labels)
+            self._durations.record(labels, seconds)
             if span.is_recording():
                 if self._record_message:
                     span.record_exception(
@@ -248,7 +334,8 @@ class RequestHooks:
                     catalog.EVENT_HOOK_ERROR,
                     {catalog.A_HOOK: hook, catalog.A_CALLBACK: b.name,
                      catalog.A_OUTCOME: outcome, catalog.A_RAISE: b.raise_error,
-                     catalog.A_ERROR_TYPE: type(exc).__qualname__},
+                     catalog.A_ERROR_TYPE: type(exc).__qualname__,
+                     catalog.A_HOOK_SECONDS: seconds},
                 )
         except Exception as telemetry_error:  # the telemetry path never fails a request
             logger.debug("request hook error not recorded: %s", telemetry_error)

@@ -14,7 +14,8 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 #: process_cache key of the follow-up set by :meth:`RayServeLLMCallback.call_after_node_init`.
 _AFTER_NODE_INIT = "base.after_node_init"
+#: True while a Composite constructs a child: the composite checks the children against each
+#: other once they all exist (check_callbacks_before), so a child does not check alone.
+BUILDING_CHILD: ContextVar[bool] = ContextVar("llm_otel_callbacks_building_child", default=False)
 
 #: The hook after which a replica's startup span is closed (unless something that knows
 #: more, such as ObservedLLMServer's engine start, takes over closing it).
@@ -140,6 +144,15 @@ class RayServeLLMCallback(CallbackBase):  # type: ignore[misc]
         self._defer_startup_end = False
         # A composite sets itself here so its children share its startup trace.
         self.startup_owner: RayServeLLMCallback | None = None
+        if not BUILDING_CHILD.get():
+            self.check_callbacks_before(())
+
+    def check_callbacks_before(self, before: Sequence[Any]) -> None:
+        """Override to refuse, with :class:`CallbackConfigError`, a place this callback cannot
+        work in. ``before``: the instances that run before it in a Composite, in order; empty
+        when it is the replica's only callback. Called once at construction (standalone: at the
+        end of this ``__init__``, so use only what it has set, e.g. ``self.options``)."""
+        return None
 
     # --- pickling: telemetry never travels --------------------------------------------------
 

@@ -90,7 +90,8 @@ OUTCOMES = (OUTCOME_OK, OUTCOME_ERROR, OUTCOME_TIMEOUT)
 # --- metrics ---
 HOOK_DURATION = MetricSpec(
     "llm_callback_hook_duration_seconds", "histogram", "s",
-    "Wall time of one callback hook call, by hook, callback and outcome.",
+    "Wall time of one callback hook call, by hook, callback and outcome "
+    "(on_llm_stream_chunk: one observation per stream, the summed time of its calls).",
     (L_MODEL, L_HOOK, L_CALLBACK, L_OUTCOME), HOOK_BUCKETS,
 )
 HOOK_CALLS = MetricSpec(
@@ -428,6 +429,12 @@ A_PROGRESS_ELAPSED = "llm_callback.stream.elapsed_s"
 
 EVENT_HOOK_ERROR = "llm_callback.hook_error"
 """A request hook failed under the log policy; the request went on."""
+EVENT_HOOK_CALL = "llm_callback.hook_call"
+"""One request-hook call of one callback (stream chunks: one event per callback and stream)."""
+A_HOOK_SECONDS = "llm_callback.hook.duration_s"
+"""Wall time of the request-hook call (stream chunks: summed over the stream's calls)."""
+A_HOOK_CALLS = "llm_callback.hook.calls"
+"""Stream-chunk hook calls of one callback in the stream (``llm_callback.hook_call`` events)."""
 EVENT_STREAM_PROGRESS = "llm_callback.stream_progress"
 """StreamingProgress: progress of one streamed response."""
 

@@ -26,6 +26,7 @@ from ._children import (
     build_ray_child,
     check_kwargs,
     check_phase_signature,
+    check_places,
 )
 from ._ctx_changes import Snapshot, diff, snapshot
 from ._init_output import SEED_CTX_KEY, seed_ctx
@@ -89,10 +90,13 @@ class Composite(RayServeLLMCallback):
         #: unpicklable one runs in the replica, not in the per-node download tasks).
         self.failed_children: dict[str, str] = {}
         self.children: list[Child] = []
+        indices: list[int] = []
         for index, (spec, target) in enumerate(parse_child_specs(self.options.callbacks)):
             child = self._build_child(index, spec, target)
             if child is not None:
                 self.children.append(child)
+                indices.append(index)
+        check_places(self.children, indices)
         #: Children that turned Ray's node initialization off, in order. A veto stays: a
         #: later child setting ``run_init_node`` back to True is recorded and refused.
         self.vetoed_by: list[str] = []

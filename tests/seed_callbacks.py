@@ -316,3 +316,28 @@ class EngineProbe(RayServeLLMCallback):
             run_init_node=self.ctx.run_init_node,
             max_num_seqs=self.llm_config.engine_kwargs.get("max_num_seqs"),
         )
+
+
+# --- seed 004: request callbacks --------------------------------------------------------------
+
+
+class ContextAwareCallbacks:
+    """Seed 004's "Callback Context" example, recording where the seed prints."""
+
+    async def on_llm_start(self, prompt, **kwargs):
+        provider = kwargs.get("provider")
+        model = kwargs.get("model")
+        request_id = kwargs.get("request_id")
+        trace_id = kwargs.get("trace_id")
+        record("llm_start", provider=provider, model=model, request_id=request_id,
+               trace_id=trace_id, user_id=kwargs.get("user_id"))
+
+    async def on_llm_end(self, response, **kwargs):
+        tokens = kwargs.get("token_count")
+        cost = kwargs.get("cost")
+        duration_ms = kwargs.get("duration_ms")
+        record("llm_end", tokens=tokens, cost=cost, duration_ms=duration_ms,
+               text=f"Completed in {duration_ms}ms, {tokens} tokens, ${cost:.4f}",
+               prompt_tokens=kwargs.get("prompt_tokens"),
+               completion_tokens=kwargs.get("completion_tokens"),
+               user_id=kwargs.get("user_id"), request_id=kwargs.get("request_id"))

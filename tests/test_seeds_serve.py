@@ -2,6 +2,8 @@
 
 * ``seeds-a``: the eight-hook class, sync and async phase functions, a seed-000 class whose
   ``on_before_download`` returns False, and a probe of what Ray's download task received;
+  and seed 004's request callbacks: a CostTracker passing each request's ``cost`` to the
+  seed's ContextAwareCallbacks after it, and a CostLimiter with a tiny budget per ``user``;
 * ``seeds-b``: the original ``initialize()`` full replacement.
 
 Both use ``ObservedLLMServer`` (the engine points). Every hook appends an event line to a file
@@ -31,10 +33,28 @@ def _composite(callbacks: list[Any]) -> dict[str, Any]:
             "callback_kwargs": {"callbacks": callbacks}}
 
 
+#: Prices per million tokens in seeds-a, and its CostLimiter's budget per user: the first
+#: request of a user spends more than this, so the user's next request is refused.
+PRICE = {"input": 1000.0, "output": 2000.0}
+BUDGET = 1e-6
+
+
+class SeedApp(dict[str, list[dict[str, Any]]]):
+    """Each model's events as they were once both replicas were up, and the running app."""
+
+    def __init__(self, events: dict[str, list[dict[str, Any]]], base: str,
+                 files: dict[str, Path]) -> None:
+        super().__init__(events)
+        self.base = base
+        self.files = files
+
+    def read(self, name: str) -> list[dict[str, Any]]:
+        text = self.files[name].read_text()
+        return [json.loads(line) for line in text.splitlines() if line]
+
+
 @pytest.fixture(scope="module")
-def events(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[
-    dict[str, list[dict[str, Any]]]
-]:
+def events(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[SeedApp]:
     from ray import serve
     from ray.serve.llm import build_openai_app
 
@@ -55,6 +75,12 @@ def events(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
                 callback_config=_composite([
                     S + "EightHooks", S + "tracking_callback", S + "async_tracking_callback",
                     S + "SkipDownload", S + "PolicyProbe", S + "EngineProbe",
+                    {"callback_class": "llm_otel_callbacks.builtin.CostTracker",
+                     "callback_kwargs": {"prices": {"seeds-a": PRICE}}},
+                    {"callback_class": "llm_otel_callbacks.builtin.CostLimiter",
+                     "callback_kwargs": {"max_cost": BUDGET, "key": "user",
+                                         "anonymous": "exempt", "window_s": 3600}},
+                    S + "ContextAwareCallbacks",
                 ]),
             ),
             tiny_llm_config(
@@ -65,14 +91,18 @@ def events(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
                 ]),
             ),
         ]
-        serve.run(build_openai_app({"llm_configs": configs}), blocking=False)
+        # Our ingress: a refusal reaches the client as an OpenAI-style body with Retry-After.
+        serve.run(build_openai_app({
+            "llm_configs": configs,
+            "ingress_cls_config": {"ingress_cls": "llm_otel_callbacks.serve.ObservedOpenAiIngress"},
+        }), blocking=False)
         base = f"http://127.0.0.1:{port}"
         for model in ("seeds-a", "seeds-b"):
             wait_ready(base, 420, chat_model=model)
-        yield {
+        yield SeedApp({
             name: [json.loads(line) for line in path.read_text().splitlines() if line]
             for name, path in files.items()
-        }
+        }, base, files)
     finally:
         try:
             serve.shutdown()  # type: ignore[no-untyped-call]
@@ -142,3 +172,44 @@ def test_initialize_replaces_node_init_with_its_placement_group_and_runtime_env(
         "pre_initialization", "custom_initialization", "post_download", "post_placement_group",
         "pre_engine_init", "post_engine_init", "post_initialization",
     ]
+
+
+def _chat(app: SeedApp, user: str) -> Any:
+    import httpx
+
+    body = {"model": "seeds-a", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4, "user": user}
+    return httpx.post(app.base + "/v1/chat/completions", json=body, timeout=60)
+
+
+def test_seed_request_callback_gets_cost_and_cost_limiter_refuses_a_spent_user(
+    events: SeedApp,
+) -> None:
+    first = _chat(events, "alice")
+    assert first.status_code == 200, first.text
+    usage = first.json()["usage"]
+    # alice's first request spent more than the budget: her next one is refused, clearly.
+    refused = _chat(events, "alice")
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "cost_limit_exceeded" and error["type"] == "cost"
+    assert 0 < int(refused.headers["retry-after"]) <= 3600
+    assert f"Cost limit reached: {BUDGET:g} USD per 3600s window" in error["message"]
+    # Budgets are per user: bob still gets an answer.
+    assert _chat(events, "bob").status_code == 200
+
+    # (wait_ready's requests, without a user, came before.)
+    ends = [e for e in events.read("seeds-a") if e["event"] == "llm_end" and e["user_id"]]
+    assert [e["user_id"] for e in ends] == ["alice", "bob"]  # the refused one never ended
+    alice = ends[0]
+    expected = (usage["prompt_tokens"] * PRICE["input"]
+                + usage["completion_tokens"] * PRICE["output"]) / 1e6
+    # The cost CostTracker computed reached the seed class after it, as seed 004 reads it.
+    assert alice["cost"] == pytest.approx(expected)
+    assert alice["cost"] > BUDGET
+    assert alice["tokens"] == usage["total_tokens"]
+    assert alice["text"].endswith(f"{usage['total_tokens']} tokens, ${expected:.4f}")
+    starts = [e for e in events.read("seeds-a") if e["event"] == "llm_start"]
+    assert {e["provider"] for e in starts} == {"vllm"}
+    # The refused request was stopped by the CostLimiter before the seed class's start.
+    assert [e["user_id"] for e in starts if e["user_id"]] == ["alice", "bob"]

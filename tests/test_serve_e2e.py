@@ -292,6 +292,9 @@ def test_non_streaming_hooks_see_the_responses_usage(dep: Deployment, path: str,
     assert end["duration_ms"] > 0 and end["time_to_first_token_ms"] is None
     assert end["trace_id"] == start["trace_id"]
     assert not dep.records("on_llm_stream_chunk", request_id)
+    # The CostTracker listed before the recorder passed the request's cost on (seed 004).
+    assert end["cost"] == pytest.approx(
+        (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6)
 
 
 @pytest.mark.parametrize("path,body,text_of", [
@@ -509,6 +512,15 @@ def test_streaming_span_has_progress_events(dep: Deployment):
     assert progress[-1][catalog.A_PROGRESS_TOKENS] == MAX_TOKENS
     assert span.attributes[catalog.A_STREAM] is True
     assert span.attributes[catalog.A_TTFT] > 0
+    # Each request-hook call is an event (stream chunks: one per callback and stream).
+    calls = {(e[1][catalog.A_HOOK], e[1][catalog.A_CALLBACK]): e[1] for e in span.events
+             if e[0] == catalog.EVENT_HOOK_CALL}
+    for hook in ("on_llm_start", "on_llm_end"):
+        assert calls[(hook, "HookRecorder")][catalog.A_OUTCOME] == "ok"
+    chunk_calls = calls[("on_llm_stream_chunk", "HookRecorder")]
+    assert chunk_calls[catalog.A_HOOK_CALLS] == len(dep.records("on_llm_stream_chunk",
+                                                                request_id))
+    assert chunk_calls[catalog.A_HOOK_SECONDS] > 0
 
 
 def test_startup_trace_contains_the_engine_start(dep: Deployment):
@@ -576,6 +588,11 @@ def test_genai_metrics_after_a_real_scrape(dep: Deployment):
                   outcome="error") == done
     assert _total(m["ray_llm_callback_hook_calls_total"], callback="HookRecorder",
                   hook="on_llm_stream_chunk", outcome="ok") > 0
+    # Request-hook calls are timed like startup hooks.
+    assert _total(m["ray_llm_callback_hook_duration_seconds_count"], callback="HookRecorder",
+                  hook="on_llm_end", outcome="ok") >= done
+    assert _total(m["ray_llm_callback_hook_duration_seconds_count"], callback="flaky",
+                  hook="on_llm_end", outcome="error") == done
     assert _total(m["ray_llm_callback_startup_phase_duration_seconds_count"],
                   phase="engine_start") == 1
     # Request ids are span attributes only, never label values.

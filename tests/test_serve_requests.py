@@ -142,7 +142,8 @@ def make_observer(tel: Telemetry, callbacks: list[Any], models: Any) -> RequestO
     from llm_otel_callbacks.serve._engine import engine_error_types, make_error_response
 
     composite = Composite(callbacks=callbacks)
-    hooks = RequestHooks(composite.hook_targets(), tel.recorder(catalog.HOOK_CALLS), "m")
+    hooks = RequestHooks(composite.hook_targets(), tel.recorder(catalog.HOOK_CALLS), "m",
+                         durations=tel.recorder(catalog.HOOK_DURATION))
     return RequestObserver(
         model="m", provider="vllm", tel=tel, hooks=hooks,
         error_response=make_error_response, error_types=engine_error_types(),

@@ -22,6 +22,8 @@ _WHERE = {
     "Timing": "timing", "TimingOptions": "timing",
     # Request-time built-ins (their hooks run under llm_otel_callbacks.serve.ObservedLLMServer).
     "CostTracker": "cost", "CostTrackerOptions": "cost", "Price": "cost",
+    "CostLimiter": "cost_limit", "CostLimiterOptions": "cost_limit",
+    "CostLimitExceeded": "cost_limit",
     "StreamingProgress": "progress", "StreamingProgressOptions": "progress",
     "RateLimiter": "rate_limit", "RateLimiterOptions": "rate_limit",
     "RateLimitExceeded": "rate_limit",
@@ -30,6 +32,9 @@ _WHERE = {
 
 __all__ = [
     "CacheCheck",
+    "CostLimitExceeded",
+    "CostLimiter",
+    "CostLimiterOptions",
     "CostTracker",
     "CostTrackerOptions",
     "CustomPlacementGroup",
@@ -66,6 +71,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .cost import CostTracker, CostTrackerOptions, Price
+    from .cost_limit import CostLimiter, CostLimiterOptions, CostLimitExceeded
     from .download_policy import (
         CacheCheck,
         DownloadDecision,

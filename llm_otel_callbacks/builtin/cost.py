@@ -12,7 +12,8 @@ have its own price), then the deployment's model id. With ``default_price``, a r
 that is neither is priced at it and recorded as ``other``: the request's ``model`` is client
 input, so only configured models become label values and keys (bounded cardinality). Totals are kept
 per replica (``total_cost``, ``costs_by_model``) and counted in
-``llm_callback_cost_total{model, currency}``; each request span gets ``llm_callback.cost``. A
+``llm_callback_cost_total{model, currency}``; each request span gets ``llm_callback.cost``, and
+the callbacks after this one get it as ``kwargs["cost"]`` in their ``on_llm_end``. A
 request with no price is counted in ``llm_callback_cost_unpriced_requests_total`` (and logged
 once per model).
 """
@@ -20,6 +21,7 @@ once per model).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -27,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import Unpack
 
 from .. import Number, RayServeLLMCallback, catalog
+from ..serve import share_kwargs
 from ..serve.hook_kwargs import LLMEndKwargs
 
 logger = logging.getLogger(__name__)
@@ -44,8 +47,8 @@ class Price(BaseModel):
     output: Number = Field(ge=0, allow_inf_nan=False)
 
 
-class CostTrackerOptions(BaseModel):
-    """``callback_kwargs`` of :class:`CostTracker`."""
+class PriceList(BaseModel):
+    """Per-model prices (CostTracker, and CostLimiter when it prices requests itself)."""
 
     model_config = ConfigDict(defer_build=True, extra="forbid")
 
@@ -55,6 +58,29 @@ class CostTrackerOptions(BaseModel):
     """Price of models not in ``prices`` (None: such requests are not priced)."""
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     """ISO 4217 code; a metric label."""
+
+    def priced_as(self, base_model: str, requested: Any) -> tuple[str, Price | None]:
+        """(label, price) of a request: a configured model name (or ``other``) and its price.
+        ``requested``: the request's ``model`` (client input), ``base_model``: the
+        deployment's."""
+        if requested:
+            requested = str(requested)
+            if requested in self.prices:
+                return requested, self.prices[requested]
+            if requested != base_model and self.default_price is not None:
+                return OTHER_MODEL, self.default_price
+        return base_model, self.prices.get(base_model) or self.default_price
+
+
+def request_cost(price: Price, kwargs: Mapping[str, Any]) -> float:
+    """What one finished request cost at ``price`` (its ``on_llm_end`` kwargs' tokens)."""
+    prompt = int(kwargs.get("prompt_tokens") or 0)
+    completion = int(kwargs.get("completion_tokens") or 0)
+    return (prompt * price.input + completion * price.output) / 1e6
+
+
+class CostTrackerOptions(PriceList):
+    """``callback_kwargs`` of :class:`CostTracker`."""
 
 
 class CostTracker(RayServeLLMCallback):
@@ -81,23 +107,13 @@ class CostTracker(RayServeLLMCallback):
             return None
         return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
 
-    def _priced_as(self, base_model: str, requested: Any) -> tuple[str, Price | None]:
-        """(label, price): a configured model name (or ``other``) and its price."""
-        options: CostTrackerOptions = self.options
-        if requested:
-            requested = str(requested)
-            if requested in options.prices:
-                return requested, options.prices[requested]
-            if requested != base_model and options.default_price is not None:
-                return OTHER_MODEL, options.default_price
-        return base_model, self.price_of(base_model)
-
     async def on_llm_end(self, response: Any, **kwargs: Unpack[LLMEndKwargs]) -> None:
         base_model = str(kwargs.get("model") or self.model_id)
-        model, price = self._priced_as(base_model, getattr(kwargs.get("request"), "model", None))
+        options: CostTrackerOptions = self.options
+        model, price = options.priced_as(base_model, getattr(kwargs.get("request"), "model", None))
         prompt = int(kwargs.get("prompt_tokens") or 0)
         completion = int(kwargs.get("completion_tokens") or 0)
-        cost = None if price is None else (prompt * price.input + completion * price.output) / 1e6
+        cost = None if price is None else request_cost(price, kwargs)
         if cost is None:
             self.metric(catalog.COST_UNPRICED).add((model,))
             if model not in self._unpriced_warned:
@@ -111,6 +127,7 @@ class CostTracker(RayServeLLMCallback):
         self.request_count += 1
         self.costs_by_model[model] = self.costs_by_model.get(model, 0.0) + cost
         self.metric(catalog.COST).add((model, currency), cost)
+        share_kwargs(cost=cost)  # the seed's kwargs["cost"], for the callbacks after this one
         span = trace.get_current_span()  # the request span while a request hook runs
         if span.is_recording():
             span.set_attribute(catalog.A_COST, cost)

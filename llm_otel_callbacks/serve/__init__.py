@@ -15,6 +15,7 @@ from .._request_hooks import (
     ResponseError,
     StreamedResponse,
     TokenUsage,
+    share_kwargs,
 )
 from .hook_kwargs import (
     LLMEndKwargs,
@@ -41,6 +42,7 @@ __all__ = [
     "ResponseError",
     "StreamedResponse",
     "TokenUsage",
+    "share_kwargs",
 ]
 
 

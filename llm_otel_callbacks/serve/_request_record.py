@@ -17,7 +17,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span, SpanContext, Status, StatusCode
 
 from .. import catalog
-from .._request_hooks import ResponseError
+from .._request_hooks import ChunkStats, ResponseError
 from ..telemetry.providers import Telemetry
 from .hook_kwargs import RequestKwargs
 
@@ -44,7 +44,7 @@ class Record:
         self.exemplar: SpanContext | None = None  # the span's context when it records
         self.kwargs: RequestKwargs | None = None  # built when some target has request hooks
         self.chunks = 0
-        self.chunk_calls: list[int] | None = None
+        self.chunk_calls: ChunkStats | None = None
         self.chunk_tokens: int | None = None
         self.first: float | None = None
         self.tokens_end: float | None = None

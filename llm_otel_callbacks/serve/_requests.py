@@ -36,6 +36,7 @@ from .._request_hooks import (
     ON_ERROR,
     ON_START,
     BoundHook,
+    ChunkStats,
     RequestHooks,
     RequestRejected,
     ResponseError,
@@ -175,11 +176,11 @@ class RequestObserver:
 
     async def _hooks(
         self, rec: Record, hook: str, bound: tuple[BoundHook, ...], arg: Any,
-        kwargs: RequestKwargs, ok_counts: list[int] | None = None,
+        kwargs: RequestKwargs, chunk_stats: ChunkStats | None = None,
     ) -> None:
         token = otel_context.attach(rec.ctx or otel_context.get_current())  # span is current
         try:
-            await self.hooks.run(hook, bound, arg, kwargs, rec.span, ok_counts=ok_counts)
+            await self.hooks.run(hook, bound, arg, kwargs, rec.span, chunk_stats=chunk_stats)
         finally:
             otel_context.detach(token)
 
@@ -365,10 +366,10 @@ class RequestObserver:
         assert rec.kwargs is not None
         kwargs = chunk_kwargs(rec.kwargs, index=rec.chunks - 1,
                               completion_tokens=rec.chunk_tokens, finish_reason=finish, raw=item)
-        calls = rec.chunk_calls
-        if calls is None:
-            calls = rec.chunk_calls = [0] * len(self.hooks.chunk)
-        await self._hooks(rec, ON_CHUNK, self.hooks.chunk, text or "", kwargs, ok_counts=calls)
+        stats = rec.chunk_calls
+        if stats is None:
+            stats = rec.chunk_calls = ChunkStats(len(self.hooks.chunk))
+        await self._hooks(rec, ON_CHUNK, self.hooks.chunk, text or "", kwargs, chunk_stats=stats)
         return item
 
     async def _end_stream(self, rec: Record) -> str | None:
@@ -400,12 +401,11 @@ class RequestObserver:
         return None
 
     def _count_chunk_calls(self, rec: Record) -> None:
-        """Successful stream-chunk calls are counted once per stream, not per chunk."""
-        calls = rec.chunk_calls
-        if calls is not None:
+        """Successful stream-chunk calls are recorded once per stream, not per chunk."""
+        stats = rec.chunk_calls
+        if stats is not None:
             rec.chunk_calls = None
-            for b, n in zip(self.hooks.chunk, calls, strict=True):
-                self.hooks.count(ON_CHUNK, b.name, n)
+            self.hooks.flush_chunks(self.hooks.chunk, stats, rec.span)
 
     # --- endings -------------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ observer (``serve/_requests.py``) calls only the ``*_kwargs`` builders below.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
+
+from typing_extensions import NotRequired
 
 from .._request_hooks import TokenUsage
 
@@ -63,6 +65,9 @@ class LLMEndKwargs(RequestKwargs):
     """Streams only."""
     chunks: int | None
     """Content chunks sent (streams only)."""
+    cost: NotRequired[float]
+    """What the request cost, when a :class:`~llm_otel_callbacks.builtin.CostTracker` ran
+    before this callback (passed on with :func:`~llm_otel_callbacks.serve.share_kwargs`)."""
 
 
 class LLMErrorKwargs(LLMEndKwargs):
@@ -111,7 +116,7 @@ def end_kwargs(
     duration_ms: float, time_to_first_token_ms: float | None, chunks: int | None,
 ) -> LLMEndKwargs:
     total = TokenUsage(prompt_tokens, completion_tokens).total_tokens
-    return {
+    return cast(LLMEndKwargs, {  # cast: mypy wants NotRequired keys in a ** item too
         **base,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -120,7 +125,7 @@ def end_kwargs(
         "duration_ms": duration_ms,
         "time_to_first_token_ms": time_to_first_token_ms,
         "chunks": chunks,
-    }
+    })
 
 
 def error_kwargs(end: LLMEndKwargs, *, status_code: int | None) -> LLMErrorKwargs:

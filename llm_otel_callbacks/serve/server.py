@@ -26,7 +26,7 @@ from .. import _sigterm
 from .._ray import llm_server_class, llm_server_config
 from .._request_hooks import RequestHooks
 from ..base import HookTarget, RayServeLLMCallback
-from ..catalog import HOOK_CALLS
+from ..catalog import HOOK_CALLS, HOOK_DURATION
 from ..telemetry import TelemetrySettings, get_telemetry
 from ..telemetry.providers import Telemetry
 from ._engine import ObservedEngine, engine_error_types, make_error_response, provider_of
@@ -117,6 +117,7 @@ def _request_observer(
     """The per-replica observer, or None when there is nothing to do per request."""
     settings = getattr(callback, "telemetry_settings", tel.settings)
     hooks = RequestHooks(_targets_of(callback), tel.recorder(HOOK_CALLS), model,
+                         durations=tel.recorder(HOOK_DURATION),
                          record_exception_messages=settings.record_exception_messages)
     if not hooks.any and not tel.settings.enabled:
         return None
