@@ -89,10 +89,10 @@ class DashboardSpec:
     metrics: tuple[MetricSpec, ...] = field(default=())
 
 
-def _quantiles(s: Series, by: Sequence[str], fn: Any, qs: Sequence[float] = (0.5, 0.95)) -> tuple[
-        Query, ...]:
+def _quantiles(s: Series, by: Sequence[str], fn: Any, qs: Sequence[float] = (0.5, 0.95),
+               *extra: str) -> tuple[Query, ...]:
     names = legend(by)
-    return tuple(Query(fn(s, q, by), f"p{q * 100:g} {names}".strip()) for q in qs)
+    return tuple(Query(fn(s, q, by, *extra), f"p{q * 100:g} {names}".strip()) for q in qs)
 
 
 def _summary_table(title: str, description: str, s: Series, by: Sequence[str],
@@ -211,7 +211,7 @@ def _hooks_row() -> Row:
               "download tasks alive at each moment. Exemplars (prometheus_client or OTLP "
               "backends) link to the hook's trace.", "timeseries",
               _quantiles(HOOK_DURATION, (catalog.L_HOOK, catalog.L_CALLBACK), live_quantile,
-                         (0.95,)), unit="s", exemplars=True),
+                         (0.95,), startup_hook), unit="s", exemplars=True),
         Panel("Hook failures by callback and hook (range)", "Errors and timeouts of the "
               "replicas and download tasks that ran in the range.", "bargauge",
               (Query(range_total(HOOK_CALLS, by, is_(catalog.L_OUTCOME, *FAILED), startup_hook),
@@ -341,6 +341,11 @@ def _request_callbacks_row() -> Row:
         Panel("Request hook calls per second", "on_llm_start, on_llm_end, on_llm_error and "
               "on_llm_stream_chunk calls, by hook and callback.", "timeseries",
               (Query(rate(HOOK_CALLS, hooks, request_hook), legend(hooks)),), unit="ops"),
+        Panel("Request hook latency p95", "Per call of on_llm_start, on_llm_end and "
+              "on_llm_error; on_llm_stream_chunk: a stream's summed time in the hook. By hook "
+              "and callback; exemplars link to the request's trace.", "timeseries",
+              _quantiles(HOOK_DURATION, hooks, rate_quantile, (0.95,), request_hook),
+              unit="s", exemplars=True),
         Panel("Request hook errors and timeouts per second", "Failed and timed-out request "
               "hook calls (the request goes on under the log policy).", "timeseries",
               (Query(rate(HOOK_CALLS, failed, request_hook, is_(catalog.L_OUTCOME, *FAILED)),

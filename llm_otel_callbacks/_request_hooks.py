@@ -298,7 +298,8 @@ class RequestHooks:
                 continue
             labels = (self._model, ON_CHUNK, b.name, catalog.OUTCOME_OK)
             self._calls.add(labels, float(calls))
-            self._durations.record(labels, seconds)
+            self._durations.record(labels, seconds,
+                                   span.get_span_context() if recording else None)
             if recording:
                 span.add_event(catalog.EVENT_HOOK_CALL, {
                     catalog.A_HOOK: ON_CHUNK, catalog.A_CALLBACK: b.name,
@@ -309,12 +310,14 @@ class RequestHooks:
     def _ok(self, hook: str, b: BoundHook, span: Span, seconds: float) -> None:
         labels = (self._model, hook, b.name, catalog.OUTCOME_OK)
         self._calls.add(labels)
-        self._durations.record(labels, seconds)
-        if span.is_recording():
+        if span.is_recording():  # the request's trace is the duration point's exemplar
+            self._durations.record(labels, seconds, span.get_span_context())
             span.add_event(catalog.EVENT_HOOK_CALL, {
                 catalog.A_HOOK: hook, catalog.A_CALLBACK: b.name,
                 catalog.A_OUTCOME: catalog.OUTCOME_OK, catalog.A_HOOK_SECONDS: seconds,
             })
+        else:
+            self._durations.record(labels, seconds)
 
     def _failed(
         self, hook: str, b: BoundHook, exc: BaseException, span: Span, seconds: float
