@@ -46,7 +46,7 @@ ON_START, ON_END, ON_ERROR, ON_CHUNK = REQUEST_HOOKS
 
 #: While a request hook runs: the kwargs it shares with the later callbacks' calls of the same
 #: hook (see :func:`share_kwargs`), and the names the server itself passes.
-_SHARED: ContextVar[tuple[dict[str, Any], frozenset[str]] | None] = ContextVar(
+_SHARED: ContextVar[tuple[dict[str, Any], Mapping[str, Any]] | None] = ContextVar(
     "llm_otel_callbacks_shared_kwargs", default=None
 )
 
@@ -58,14 +58,15 @@ def share_kwargs(**values: Any) -> bool:
     :class:`~llm_otel_callbacks.builtin.CostTracker` passes ``cost`` this way, which is how a
     later callback's ``on_llm_end`` gets ``kwargs["cost"]`` (seed 004). A name the server
     passes itself (``model``, ``prompt_tokens`` ...) cannot be replaced: ValueError. Returns
-    False, passing nothing, where there is no later call to pass to: outside a request hook
-    (a hook called directly, as in a unit test) and in ``on_llm_stream_chunk``.
+    False, passing nothing, where there is no later call to pass to: when the hook's callback
+    is the only one implementing it, outside a request hook (a hook called directly, as in a
+    unit test) and in ``on_llm_stream_chunk``.
     """
     state = _SHARED.get()
     if state is None:
         return False
-    shared, server_keys = state
-    taken = sorted(server_keys.intersection(values))
+    shared, server_kwargs = state
+    taken = sorted(k for k in values if k in server_kwargs)
     if taken:
         raise ValueError(f"share_kwargs: {', '.join(taken)} passed by the server itself")
     shared.update(values)
@@ -241,9 +242,9 @@ class RequestHooks:
         first_error: ChildHookError | None = None
         shared: dict[str, Any] | None = None
         token = None
-        if chunk_stats is None:
+        if chunk_stats is None and len(bound) > 1:  # a later callback to pass kwargs to
             shared = {}
-            token = _SHARED.set((shared, frozenset(kwargs)))
+            token = _SHARED.set((shared, kwargs))
         try:
             for i, b in enumerate(bound):
                 t0 = time.perf_counter()
