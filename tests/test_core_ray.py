@@ -101,11 +101,11 @@ def test_every_hook_is_one_trace_across_processes(
         lambda ss: {lb.get("hook") for lb, _ in ss} >= set(HOOKS),
         timeout=60,
     )
-    for labels, value in samples:
-        if labels.get("callback") == "RecordingCallback":
-            assert labels["outcome"] == "ok"
-            assert labels["model"] == "tiny"
-            assert value >= 1
+    ours = [(labels, value) for labels, value in samples
+            if labels.get("callback") == "RecordingCallback"]
+    assert ours, samples
+    assert all(labels["outcome"] == "ok" and labels["model"] == "tiny" and value >= 1
+               for labels, value in ours), ours
     # And over OTLP too, since an endpoint is configured.
     otlp_calls = otlp_receiver.wait_for_metric(catalog.HOOK_CALLS.name, timeout=30)
     assert any(
