@@ -46,6 +46,10 @@ class Price(BaseModel):
     input: Number = Field(ge=0, allow_inf_nan=False)
     output: Number = Field(ge=0, allow_inf_nan=False)
 
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What a request of these token counts costs at this price."""
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
+
 
 class PriceList(BaseModel):
     """Per-model prices (CostTracker, and CostLimiter when it prices requests itself)."""
@@ -69,14 +73,17 @@ class PriceList(BaseModel):
                 return requested, self.prices[requested]
             if requested != base_model and self.default_price is not None:
                 return OTHER_MODEL, self.default_price
-        return base_model, self.prices.get(base_model) or self.default_price
+        return base_model, self.price_of(base_model)
+
+    def price_of(self, model: str) -> Price | None:
+        """The price of ``model``: its own, else ``default_price`` (None: unpriced)."""
+        return self.prices.get(model) or self.default_price
 
 
 def request_cost(price: Price, kwargs: Mapping[str, Any]) -> float:
     """What one finished request cost at ``price`` (its ``on_llm_end`` kwargs' tokens)."""
-    prompt = int(kwargs.get("prompt_tokens") or 0)
-    completion = int(kwargs.get("completion_tokens") or 0)
-    return (prompt * price.input + completion * price.output) / 1e6
+    return price.cost(int(kwargs.get("prompt_tokens") or 0),
+                      int(kwargs.get("completion_tokens") or 0))
 
 
 class CostTrackerOptions(PriceList):
@@ -98,14 +105,12 @@ class CostTracker(RayServeLLMCallback):
 
     def price_of(self, model: str) -> Price | None:
         options: CostTrackerOptions = self.options
-        return options.prices.get(model) or options.default_price
+        return options.price_of(model)
 
     def cost_of(self, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
         """Cost of one request, or None when the model has no price."""
         price = self.price_of(model)
-        if price is None:
-            return None
-        return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+        return None if price is None else price.cost(prompt_tokens, completion_tokens)
 
     async def on_llm_end(self, response: Any, **kwargs: Unpack[LLMEndKwargs]) -> None:
         base_model = str(kwargs.get("model") or self.model_id)
@@ -113,7 +118,7 @@ class CostTracker(RayServeLLMCallback):
         model, price = options.priced_as(base_model, getattr(kwargs.get("request"), "model", None))
         prompt = int(kwargs.get("prompt_tokens") or 0)
         completion = int(kwargs.get("completion_tokens") or 0)
-        cost = None if price is None else request_cost(price, kwargs)
+        cost = None if price is None else price.cost(prompt, completion)
         if cost is None:
             self.metric(catalog.COST_UNPRICED).add((model,))
             if model not in self._unpriced_warned:
