@@ -6,10 +6,17 @@ app (``same_engine_server.py``), loads the ``observed`` and ``plain`` paths in t
 every thread's CPU time of the replica process (psutil) around each block. It prints CPU per
 request by thread (native thread id) and, at the end, ``py-spy dump``'s thread names.
 
+The replica runs with ``BENCH_STEP_CPU=1`` (see ``same_engine_server.py``): after each block
+the run also prints each path's own CPU per request on the event loop, the thread CPU of the
+synchronous steps of its engine calls (observer, vLLM's serving layer, engine client), read from
+the replica. That is the observer's direct cost in the replica, apart from everything that runs
+around the request.
+
 A thread whose work is per unit of time (a polling loop) shows more CPU per request on a block
 that served fewer requests: compare the requests per block as well as the CPU.
 
-Run: ``python benchmarks/replica_thread_cpu.py [--seconds 15] [--rounds 2]``.
+Run: ``python benchmarks/replica_thread_cpu.py [--seconds 15] [--rounds 2] [--paths observed plain]
+[--env OTEL_TRACES_SAMPLER=always_off]``.
 """
 
 from __future__ import annotations
@@ -31,35 +38,79 @@ from benchmarks import request_overhead as ro  # noqa: E402
 REPLICA = "ray::ServeReplica:bench:SameEngineServer"
 
 
+def _step_cpu() -> dict[str, Any]:
+    """Per path: (requests, thread CPU ns of their engine calls' steps), and the replica's
+    garbage collections ("gc": count and CPU ns per generation), from the replica."""
+    from ray import serve
+
+    status = serve.status().applications["bench"]
+    name = next(d for d in status.deployments if "Ingress" not in d)
+    handle = serve.get_deployment_handle(name, app_name="bench")
+    result: dict[str, Any] = handle.step_cpu.remote().result(timeout_s=60)
+    return result
+
+
 def _cpu_by_thread(proc: Any) -> dict[int, float]:
     return {t.id: t.user_time + t.system_time for t in proc.threads()}
 
 
-async def _load(url: str, pid: int, seconds: float, rounds: int) -> None:
+async def _load(url: str, pid: int, seconds: float, rounds: int, paths: list[str]) -> None:
     import httpx
     import psutil
 
     proc = psutil.Process(pid)
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=8)) as client:
-        for path in ("observed", "plain"):  # warm-up
+        for path in paths:  # warm-up
             await ro._block(client, url, path, 4, 6, 16)
+        steps: dict[str, list[int]] = {path: [0, 0] for path in paths}
+        gc_total: dict[str, list[int]] = {path: [0, 0] for path in paths}
         for rnd in range(rounds):
-            for path in ("observed", "plain"):
+            for path in (paths if rnd % 2 == 0 else paths[::-1]):
+                steps_before = await asyncio.to_thread(_step_cpu)
                 before = _cpu_by_thread(proc)
                 block = await ro._block(client, url, path, 4, seconds, 16)
                 after = _cpu_by_thread(proc)
+                steps_after = await asyncio.to_thread(_step_cpu)
+                calls = steps_after[path][0] - steps_before[path][0]
+                step_ns = steps_after[path][1] - steps_before[path][1]
+                steps[path][0] += calls
+                steps[path][1] += step_ns
+                gcs = [a - b for a, b in zip(steps_after["gc"]["count"],
+                                             steps_before["gc"]["count"], strict=True)]
+                gc_ns = [a - b for a, b in zip(steps_after["gc"]["cpu_ns"],
+                                               steps_before["gc"]["cpu_ns"], strict=True)]
+                gc_total[path][0] += sum(gc_ns)
+                gc_total[path][1] += calls
+                print(f"{path} round {rnd}: request path's own steps on the loop "
+                      f"{step_ns / max(1, calls) / 1e3:.0f} µs per request ({calls} requests); "
+                      f"GC: {gcs} collections (gen 0/1/2), "
+                      f"{'/'.join(f'{ns / 1e6:.1f}' for ns in gc_ns)} ms, "
+                      f"{sum(gc_ns) / max(1, calls) / 1e3:.0f} µs per request", flush=True)
                 n = max(1, block["done"])
                 per = sorted(((after[t] - before.get(t, 0.0)) / n * 1e6, t) for t in after)
                 top = ", ".join(f"{tid}: {us:.0f}" for us, tid in reversed(per[-8:]))
                 print(f"{path} round {rnd}: {n} requests, {sum(u for u, _ in per):.0f} µs of "
                       f"replica CPU per request; by thread (µs per request) {top}", flush=True)
+        ref = paths[-1]
+        ref_us = steps[ref][1] / max(1, steps[ref][0]) / 1e3
+        for path in paths:
+            us = steps[path][1] / max(1, steps[path][0]) / 1e3
+            print(f"{path}: {us:.1f} µs per request of the request path's own steps on the loop "
+                  f"({steps[path][0]} requests), {us - ref_us:+.1f} µs vs {ref}; GC "
+                  f"{gc_total[path][0] / max(1, gc_total[path][1]) / 1e3:.0f} µs per request",
+                  flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--paths", nargs="+", default=["observed", "plain"],
+                        help="request paths to load; the last is the reference")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra replica environment, e.g. OTEL_TRACES_SAMPLER=always_off")
     args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
 
     import psutil
 
@@ -68,11 +119,13 @@ def main() -> None:
     receiver = ro._Receiver()
     try:
         with tempfile.TemporaryDirectory(prefix="threads-") as tmp, \
-                ro.same_engine_app(Path(tmp), receiver.endpoint, dict(CPU_ENGINE_ENV)) as (
+                ro.same_engine_app(Path(tmp), receiver.endpoint,
+                                   {**CPU_ENGINE_ENV, **env, "BENCH_STEP_CPU": "1"}) as (
                     root, _ready_s):
             pid = next(p.pid for p in psutil.process_iter(["cmdline"])
                        if " ".join(p.info["cmdline"] or []).startswith(REPLICA))
-            asyncio.run(_load(root + "/v1/chat/completions", pid, args.seconds, args.rounds))
+            asyncio.run(_load(root + "/v1/chat/completions", pid, args.seconds, args.rounds,
+                              args.paths))
             dump = subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "-p",
                                    str(pid)], capture_output=True, text=True, check=False)
             print("threads:\n" + "\n".join(line for line in dump.stdout.splitlines()
