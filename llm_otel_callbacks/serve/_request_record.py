@@ -92,20 +92,24 @@ class RequestTelemetry:
         if not span.is_recording():
             return
         try:
+            # One set_attributes call: the SDK's set_attribute builds a dict and takes the
+            # span's lock per attribute.
+            attrs: dict[str, Any] = {}
             if response_id:
-                span.set_attribute(catalog.A_GENAI_RESPONSE_ID, str(response_id))
+                attrs[catalog.A_GENAI_RESPONSE_ID] = str(response_id)
             if response_model:
-                span.set_attribute(catalog.A_GENAI_RESPONSE_MODEL, str(response_model))
+                attrs[catalog.A_GENAI_RESPONSE_MODEL] = str(response_model)
             if finish:
-                span.set_attribute(catalog.A_GENAI_FINISH_REASONS, finish)
+                attrs[catalog.A_GENAI_FINISH_REASONS] = finish
             if rec.prompt_tokens is not None:
-                span.set_attribute(catalog.A_GENAI_INPUT_TOKENS, rec.prompt_tokens)
+                attrs[catalog.A_GENAI_INPUT_TOKENS] = rec.prompt_tokens
             if rec.completion_tokens is not None:
-                span.set_attribute(catalog.A_GENAI_OUTPUT_TOKENS, rec.completion_tokens)
+                attrs[catalog.A_GENAI_OUTPUT_TOKENS] = rec.completion_tokens
             if rec.stream:
-                span.set_attribute(catalog.A_CHUNKS, rec.chunks)
+                attrs[catalog.A_CHUNKS] = rec.chunks
                 if rec.first is not None:
-                    span.set_attribute(catalog.A_TTFT, rec.first - rec.t0)
+                    attrs[catalog.A_TTFT] = rec.first - rec.t0
+            span.set_attributes(attrs)
         except Exception as exc:
             logger.debug("span attributes not set: %s", exc)
 
