@@ -8,6 +8,11 @@ request twice (about a third of the request path's telemetry CPU, measured with
 deque, and one worker thread hands it to every backend, a few times a second: counter and gauge
 deltas of one label set are summed first, so a burst of calls becomes one update per backend.
 
+Inside Ray the pipe runs even with Ray's metrics as the only backend: Ray's ``record``
+releases the GIL around its C++ call, so on a replica's busy event loop each call could hand
+the GIL to another thread (Serve's own loop runs on one) and wait to get it back; the worker
+makes those calls instead of the request's thread.
+
 What the wait costs: the local backend sees a measurement at most ``tick_s`` later (a scrape
 may miss the last fraction of a second); ``flush`` drains at once (force_flush and shutdown
 call it). The deque is bounded: past ``max_pending`` the caller drains it itself, so memory

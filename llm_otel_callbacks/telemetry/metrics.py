@@ -60,11 +60,14 @@ NULL_RECORDER: Recorder = _NullRecorder()
 
 
 def combine(spec: MetricSpec, parts: Sequence[Recorder], pipe: Any = None) -> Recorder:
-    """One recorder for ``parts``: the part itself when there is one; several go through
-    ``pipe`` (a :class:`~.metric_pipe.MetricPipe`: recorded once, fanned out at export)."""
+    """One recorder for ``parts``: through ``pipe`` when given (a
+    :class:`~.metric_pipe.MetricPipe`: recorded once, handed to every part by its worker),
+    else the one part itself."""
     if not parts:
         return NULL_RECORDER
-    if len(parts) == 1 or pipe is None:
+    if pipe is None:
+        if len(parts) > 1:
+            raise ValueError("several metric backends need a pipe")
         return parts[0]
     return pipe.recorder(spec, parts)  # type: ignore[no-any-return]
 
