@@ -176,8 +176,11 @@ def test_failed_start_with_two_workers_names_the_failing_phase(tiny_model_dir: P
     for s in workers:
         failing = s.attributes[catalog.A_PHASE] == catalog.PHASE_WORKER_KV_PROFILE
         assert (s.status_code == "STATUS_CODE_ERROR") == failing, s
-        if failing:
-            assert "ValueError" in s.status_message and "kv cache" in s.status_message.lower()
+    kv_profile = catalog.PHASE_WORKER_KV_PROFILE
+    failed = [s for s in workers if s.attributes[catalog.A_PHASE] == kv_profile]
+    assert len(failed) == 2, failed  # one per rank
+    assert all("ValueError" in s.status_message and "kv cache" in s.status_message.lower()
+               for s in failed), [s.status_message for s in failed]
     core = {s.attributes[catalog.A_PHASE]: s for s in phases
             if s.attributes[catalog.A_ENGINE_ROLE] == catalog.ROLE_ENGINE_CORE}
     assert core[catalog.PHASE_ENGINE_KV_CACHE].status_code == "STATUS_CODE_ERROR"

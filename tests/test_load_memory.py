@@ -154,10 +154,8 @@ def test_hundred_thousand_hook_calls_keep_memory_and_threads_flat(
     composite = setup.composite
     tel = get_telemetry(composite.telemetry_settings)
     assert isinstance(tel.tracer_provider, TracerProvider), "the SDK provider, not a no-op"
-    if setup.path == "installed_provider":
-        assert tel.tracer_provider is trace._TRACER_PROVIDER
-    else:
-        assert tel.tracer_provider is not trace._TRACER_PROVIDER  # ours, not installed
+    # The installed provider is reused; otherwise ours, not the installed one.
+    assert (tel.tracer_provider is trace._TRACER_PROVIDER) == (setup.path == "installed_provider")
     assert [b.__class__.__name__ for b in tel.backends] == ["PrometheusBackend"]
 
     # The counter is per process: earlier tests in this process may have dropped spans too.
