@@ -41,12 +41,7 @@ REPLICA = "ray::ServeReplica:bench:SameEngineServer"
 def _step_cpu() -> dict[str, Any]:
     """Per path: (requests, thread CPU ns of their engine calls' steps), and the replica's
     garbage collections ("gc": count and CPU ns per generation), from the replica."""
-    from ray import serve
-
-    status = serve.status().applications["bench"]
-    name = next(d for d in status.deployments if "Ingress" not in d)
-    handle = serve.get_deployment_handle(name, app_name="bench")
-    result: dict[str, Any] = handle.step_cpu.remote().result(timeout_s=60)
+    result: dict[str, Any] = ro.replica_handle().step_cpu.remote().result(timeout_s=60)
     return result
 
 
@@ -63,7 +58,7 @@ async def _load(url: str, pid: int, seconds: float, rounds: int, paths: list[str
         for path in paths:  # warm-up
             await ro._block(client, url, path, 4, 6, 16)
         steps: dict[str, list[int]] = {path: [0, 0] for path in paths}
-        gc_total: dict[str, list[int]] = {path: [0, 0] for path in paths}
+        gc_total: dict[str, int] = dict.fromkeys(paths, 0)  # GC CPU ns during its blocks
         for rnd in range(rounds):
             for path in (paths if rnd % 2 == 0 else paths[::-1]):
                 steps_before = await asyncio.to_thread(_step_cpu)
@@ -79,8 +74,7 @@ async def _load(url: str, pid: int, seconds: float, rounds: int, paths: list[str
                                              steps_before["gc"]["count"], strict=True)]
                 gc_ns = [a - b for a, b in zip(steps_after["gc"]["cpu_ns"],
                                                steps_before["gc"]["cpu_ns"], strict=True)]
-                gc_total[path][0] += sum(gc_ns)
-                gc_total[path][1] += calls
+                gc_total[path] += sum(gc_ns)
                 print(f"{path} round {rnd}: request path's own steps on the loop "
                       f"{step_ns / max(1, calls) / 1e3:.0f} µs per request ({calls} requests); "
                       f"GC: {gcs} collections (gen 0/1/2), "
@@ -97,7 +91,7 @@ async def _load(url: str, pid: int, seconds: float, rounds: int, paths: list[str
             us = steps[path][1] / max(1, steps[path][0]) / 1e3
             print(f"{path}: {us:.1f} µs per request of the request path's own steps on the loop "
                   f"({steps[path][0]} requests), {us - ref_us:+.1f} µs vs {ref}; GC "
-                  f"{gc_total[path][0] / max(1, gc_total[path][1]) / 1e3:.0f} µs per request",
+                  f"{gc_total[path] / max(1, steps[path][0]) / 1e3:.0f} µs per request",
                   flush=True)
 
 

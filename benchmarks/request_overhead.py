@@ -574,14 +574,18 @@ def same_engine_app(
         yield app.base_url, app.ready_s
 
 
-def _token_totals() -> dict[str, Any]:
-    """TokenCounter's totals in the replica, through a deployment handle."""
+def replica_handle() -> Any:
+    """A deployment handle to the same-engine server (the app's one non-ingress deployment)."""
     from ray import serve
 
     status = serve.status().applications["bench"]
     name = next(d for d in status.deployments if "Ingress" not in d)
-    handle = serve.get_deployment_handle(name, app_name="bench")
-    totals: dict[str, Any] = handle.token_totals.remote().result(timeout_s=60)
+    return serve.get_deployment_handle(name, app_name="bench")
+
+
+def _token_totals() -> dict[str, Any]:
+    """TokenCounter's totals in the replica, through a deployment handle."""
+    totals: dict[str, Any] = replica_handle().token_totals.remote().result(timeout_s=60)
     return totals
 
 

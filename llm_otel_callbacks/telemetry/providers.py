@@ -144,9 +144,7 @@ class Telemetry:
             except Exception as exc:
                 self._sink_failed("metrics", "otlp", exc)
         # Two backends: record once, fan out. Ray's metrics alone go through the pipe too:
-        # Ray's record releases the GIL around its C++ call, so on a replica's busy event loop
-        # each call can hand the GIL to another thread and wait to get it back (measured with
-        # benchmarks/profile_request_path.py); the pipe's worker makes those calls instead.
+        # Ray's record releases the GIL, which costs a busy replica loop (metric_pipe.py).
         if len(backends) > 1 or any(b.name == RayBackend.name for b in backends):
             from .metric_pipe import MetricPipe
 
