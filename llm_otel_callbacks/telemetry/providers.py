@@ -79,21 +79,31 @@ class Telemetry:
     def _make_tracer(self) -> Tracer:
         from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 
+        from .lean_spans import LeanTracer, OwnTracerProvider
+
         settings = self.settings
         installed = trace.get_tracer_provider()
         if settings.reuse_installed_provider and isinstance(installed, SdkTracerProvider):
             self.tracer_provider = installed
             _warn_sinks_unused(settings)
-            return installed.get_tracer(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+            tracer = installed.get_tracer(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+            if isinstance(installed, OwnTracerProvider) and not isinstance(tracer, NoOpTracer):
+                return LeanTracer(installed, tracer)  # ours, installed by another Telemetry
+            return tracer
         if not settings.exports_traces:
             # Nothing would receive the spans: do not pay for recording them.
             return NoOpTracer()
-        provider = SdkTracerProvider(
+        from opentelemetry.sdk.trace import SpanLimits
+
+        from .export import SpanQueueProcessor
+
+        limits = SpanLimits()  # from the OTEL_*_LIMIT variables, as the SDK reads them
+        provider = OwnTracerProvider(
             sampler=factories.sampler(settings),
             resource=factories.resource(settings, self.process_attributes),
             shutdown_on_exit=False,  # we flush at exit ourselves, with a bound
+            span_limits=limits,
         )
-        from .export import SpanQueueProcessor
 
         exporters = factories.span_exporters(
             settings, self._count_dropped, self._sessions,
@@ -112,7 +122,10 @@ class Telemetry:
         self._shutdown_hooks.append(provider)
         if settings.install_global_provider:
             trace.set_tracer_provider(provider)
-        return provider.get_tracer(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+        sdk_tracer = provider.get_tracer(INSTRUMENTATION_NAME, _version(), schema_url=SCHEMA_URL)
+        if isinstance(sdk_tracer, NoOpTracer):  # OTEL_SDK_DISABLED
+            return sdk_tracer
+        return LeanTracer(provider, sdk_tracer)
 
     def _count_dropped(self, count: int, reason: str) -> None:
         self.recorder(catalog.EXPORT_FAILURES).add(("traces", reason), float(count))
