@@ -57,9 +57,22 @@ def _cleaned(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     out = dict(attributes)
     for key, value in out.items():
-        if type(value) not in _PLAIN or type(key) is not str or not key:
-            return dict(BoundedAttributes(None, attributes, immutable=False))
+        kind = type(value)
+        if kind in _PLAIN and type(key) is str and key:
+            continue
+        if (kind is list or kind is tuple) and type(key) is str and key and _plain(value):
+            out[key] = tuple(value)  # as the SDK stores a sequence (no key is added here)
+            continue
+        return dict(BoundedAttributes(None, attributes, immutable=False))
     return out
+
+
+def _plain(values: Any) -> bool:
+    """A sequence of one plain type (one that every supported SDK keeps as it is)."""
+    if not values:
+        return True
+    first = type(values[0])
+    return first in _PLAIN and all(type(v) is first for v in values)
 
 
 class OwnTracerProvider(SdkTracerProvider):

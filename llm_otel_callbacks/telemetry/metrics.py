@@ -188,12 +188,24 @@ class _PromRecorder:
 
     def record(self, labels: Labels, value: float, exemplar: SpanContext | None = None) -> None:
         if exemplar is not None and exemplar.trace_flags.sampled:
-            self._child(labels).observe(value, exemplar={
-                "trace_id": format(exemplar.trace_id, "032x"),
-                "span_id": format(exemplar.span_id, "016x"),
-            })
+            self._child(labels).observe(value, exemplar=_exemplar_labels(exemplar))
         else:
             self._child(labels).observe(value)
+
+
+_LAST_EXEMPLAR: tuple[Any, dict[str, str]] = (None, {})
+
+
+def _exemplar_labels(ctx: SpanContext) -> dict[str, str]:
+    """The exemplar labels of ``ctx``; a request records several points with one context, so
+    the last one is kept (one tuple, replaced whole: safe across threads)."""
+    global _LAST_EXEMPLAR
+    last = _LAST_EXEMPLAR
+    if last[0] is ctx:
+        return last[1]
+    labels = {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
+    _LAST_EXEMPLAR = (ctx, labels)
+    return labels
 
 
 class PrometheusBackend:
