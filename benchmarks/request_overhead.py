@@ -28,7 +28,11 @@ Two parts:
    made one span and TokenCounter counted its path's requests. ``pool`` reads several ``--out``
    files of ``serve`` and compares all their cycles.
 
-Run: ``python benchmarks/request_overhead.py [micro|serve|all] [--out result.json]``, or
+``micro --busy 2`` runs the micro part beside two processes that keep the cores busy with
+matmuls, as the serve benchmark's CPU engine does: the same code then costs more CPU per
+request (caches and cores shared), which is part of why the replica figures are larger.
+
+Run: ``python benchmarks/request_overhead.py [micro|serve|all] [--busy N] [--out result.json]``, or
 ``python benchmarks/request_overhead.py pool a.json b.json``.
 Goals: serve throughput ratio >= 0.98 with no request hooks; <= 1 us per streamed chunk when no
 child implements ``on_llm_stream_chunk``.
@@ -744,6 +748,39 @@ def pool(files: Sequence[Path]) -> dict[str, Any]:
     return result
 
 
+def _spin(stop: Any) -> None:
+    """Keep one core busy the way a CPU engine's worker does (dense matmuls)."""
+    import numpy as np
+
+    a = np.random.rand(256, 256)
+    while not stop.is_set():
+        a = a @ a
+        a /= np.abs(a).max() or 1.0
+
+
+@contextlib.contextmanager
+def _busy(processes: int) -> Iterator[None]:
+    """``processes`` processes spinning matmuls (``--busy``): the micro figures under the CPU
+    contention a replica sees when the engine shares its cores (the serve benchmark's tiny
+    CPU engine does)."""
+    import multiprocessing
+
+    mp = multiprocessing.get_context("spawn")
+    stop = mp.Event()
+    procs = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    try:
+        time.sleep(1.0 if procs else 0.0)
+        yield
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", nargs="?", default="all",
@@ -760,17 +797,22 @@ def main() -> None:
     parser.add_argument("--engine-threads", type=int, help="OMP_NUM_THREADS of the engine")
     parser.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra env of the replica and engine (e.g. OMP_WAIT_POLICY=PASSIVE)")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="micro: run beside N processes spinning matmuls (CPU contention)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result: dict[str, Any] = {}
     if args.part in ("micro", "all"):
-        result["micro"] = micro(args.chunks, args.requests, args.repeat)
+        with _busy(args.busy):
+            result["micro"] = micro(args.chunks, args.requests, args.repeat)
+            result["micro_export"] = micro_export(min(args.requests, 2_000), args.repeat)
+        result["busy_processes"] = args.busy
         m = result["micro"]
         print(f"bare engine generator: {m['bare_us_per_chunk']:.3f} us/chunk")
         for name, case in m["cases"].items():
             print(f"{name}: +{case['us_per_chunk']:.3f} us/chunk, "
                   f"+{case['us_per_request']:.1f} us/request")
-        e = result["micro_export"] = micro_export(min(args.requests, 2_000), args.repeat)
+        e = result["micro_export"]
         print(f"TokenCounter, default export (OTLP/HTTP to a receiver), half streamed: "
               f"+{e['extra_us_per_request']:.1f} us process CPU per request (best of "
               f"{e['repeat']}: {e['observed_us_per_request']:.1f} vs bare "
