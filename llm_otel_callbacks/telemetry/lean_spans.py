@@ -102,8 +102,9 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         attributes: dict[str, Any], links: tuple[Link, ...], start_time: int, tracer: LeanTracer,
         record_exception: bool, set_status_on_exception: bool,
     ) -> None:
+        # The provider's resource, read per span: the SDK replaces it in a forked child.
         ReadableSpan.__init__(
-            self, name=name, context=context, parent=parent, resource=tracer.resource,
+            self, name=name, context=context, parent=parent, resource=tracer.provider.resource,
             attributes=attributes, events=[], links=links, kind=kind, status=_UNSET,
             start_time=start_time, instrumentation_scope=tracer.scope,
         )
@@ -252,7 +253,6 @@ class LeanTracer(trace_api.Tracer):
         limits = provider.limits
         self.provider = provider
         self.sdk_tracer = sdk_tracer
-        self.resource = provider.resource
         self.scope = getattr(sdk_tracer, "instrumentation_scope", None) or getattr(
             sdk_tracer, "_instrumentation_scope", None)
         self.max_attributes = _limit(limits.max_span_attributes)
@@ -272,7 +272,7 @@ class LeanTracer(trace_api.Tracer):
         links: Sequence[Link] | None = (), start_time: int | None = None,
         record_exception: bool = True, set_status_on_exception: bool = True,
     ) -> trace_api.Span:
-        if not (self._limits_allow and self.provider.only_queue_processors):
+        if not self.lean:
             return self.sdk_tracer.start_span(  # type: ignore[no-any-return]
                 name, context, kind, attributes, links, start_time, record_exception,
                 set_status_on_exception)
