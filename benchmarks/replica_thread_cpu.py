@@ -59,6 +59,8 @@ async def _load(url: str, pid: int, seconds: float, rounds: int, paths: list[str
             await ro._block(client, url, path, 4, 6, 16)
         steps: dict[str, list[int]] = {path: [0, 0] for path in paths}
         gc_total: dict[str, int] = dict.fromkeys(paths, 0)  # GC CPU ns during its blocks
+        split: dict[str, list[tuple[int, int, int, int]]] = {p: [] for p in paths}
+        threads_s = 0.0  # the package's own threads' CPU seconds over all blocks
         for rnd in range(rounds):
             for path in (paths if rnd % 2 == 0 else paths[::-1]):
                 steps_before = await asyncio.to_thread(_step_cpu)
@@ -75,6 +77,21 @@ async def _load(url: str, pid: int, seconds: float, rounds: int, paths: list[str
                 gc_ns = [a - b for a, b in zip(steps_after["gc"]["cpu_ns"],
                                                steps_before["gc"]["cpu_ns"], strict=True)]
                 gc_total[path] += sum(gc_ns)
+                inner = [a - b for a, b in zip(steps_after["inner"][path],
+                                               steps_before["inner"][path], strict=True)]
+                split[path].append((calls, step_ns, inner[1], inner[2]))
+                by_name = {name: (s - steps_before["threads"].get(name, 0.0)) * 1e6
+                           / max(1, calls) for name, s in steps_after["threads"].items()}
+                own = sum(steps_after["threads"].values()) - sum(
+                    steps_before["threads"].get(name, 0.0) for name in steps_after["threads"])
+                threads_s += own
+                print(f"{path} round {rnd}: package threads (µs per request) "
+                      + ", ".join(f"{n}: {us:.1f}" for n, us in by_name.items()), flush=True)
+                per_call = max(1, calls) * 1e3
+                print(f"{path} round {rnd}: outer minus inner meter "
+                      f"{(step_ns - inner[1]) / per_call:.1f} µs per request, engine's tail "
+                      f"steps {inner[2] / per_call:.1f} µs, package threads "
+                      f"{own * 1e9 / per_call:.1f} µs", flush=True)
                 print(f"{path} round {rnd}: request path's own steps on the loop "
                       f"{step_ns / max(1, calls) / 1e3:.0f} µs per request ({calls} requests); "
                       f"GC: {gcs} collections (gen 0/1/2), "
@@ -93,6 +110,52 @@ async def _load(url: str, pid: int, seconds: float, rounds: int, paths: list[str
                   f"({steps[path][0]} requests), {us - ref_us:+.1f} µs vs {ref}; GC "
                   f"{gc_total[path] / max(1, steps[path][0]) / 1e3:.0f} µs per request",
                   flush=True)
+        _print_split(split, gc_total, threads_s, ref)
+    micro = await asyncio.to_thread(
+        lambda: ro.replica_handle().micro.remote().result(timeout_s=600))
+    for path, row in micro.items():
+        print(f"in-replica tight loop, {path}: {row['loop_us']:.1f} µs of loop CPU per request, "
+              f"package threads {row['threads_us']:.1f} µs", flush=True)
+
+
+def _per_request(blocks: list[tuple[int, int, int, int]], col: int) -> float:
+    """Pooled µs per request of one column over blocks (1: outer, 2: inner, 3: tail; 4: outer
+    minus inner)."""
+    calls = sum(b[0] for b in blocks)
+    total = sum(b[1] - b[2] for b in blocks) if col == 4 else sum(b[col] for b in blocks)
+    return total / max(1, calls) / 1e3
+
+
+def _print_split(split: dict[str, list[tuple[int, int, int, int]]], gc_total: dict[str, int],
+                 threads_s: float, ref: str) -> None:
+    """The observed paths' extra replica CPU per request, item by item, from the same requests:
+    the observer's own loop CPU (outer minus inner meter, less the plain path's metering
+    layer), the engine's extra tail steps, the package's threads and the extra GC."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    observed = [p for p in split if p != ref]
+    observed_calls = sum(b[0] for p in observed for b in split[p])
+    threads_us = threads_s * 1e6 / max(1, observed_calls)
+    gc_ref = gc_total[ref] / max(1, sum(b[0] for b in split[ref])) / 1e3
+    for path in observed:
+        items = {}
+        for name, col in (("own loop CPU", 4), ("engine tail", 3)):
+            est = _per_request(split[path], col) - _per_request(split[ref], col)
+            boot = [_per_request([split[path][i] for i in rng.integers(0, len(split[path]),
+                                                                         len(split[path]))], col)
+                    - _per_request([split[ref][i] for i in rng.integers(0, len(split[ref]),
+                                                                         len(split[ref]))], col)
+                    for _ in range(2000)]
+            items[name] = est
+            print(f"{path}: {name} {est:+.1f} µs per request vs {ref} (CI "
+                  f"{np.percentile(boot, 2.5):+.1f} to {np.percentile(boot, 97.5):+.1f})",
+                  flush=True)
+        gc_extra = gc_total[path] / max(1, sum(b[0] for b in split[path])) / 1e3 - gc_ref
+        total = items["own loop CPU"] + items["engine tail"] + threads_us + gc_extra
+        print(f"{path}: extra replica CPU per request, item by item: own loop "
+              f"{items['own loop CPU']:+.1f} + engine tail {items['engine tail']:+.1f} + package "
+              f"threads {threads_us:+.1f} + GC {gc_extra:+.1f} = {total:+.1f} µs", flush=True)
 
 
 def main() -> None:
