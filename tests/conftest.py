@@ -32,6 +32,11 @@ from tests._support.ray_env import (  # noqa: E402
 )
 from tests._support.tiny_model import make_tiny_model  # noqa: E402
 
+# The tests wait for spans at a receiver: export them every second, not on the default 5 s
+# schedule (set before any Ray starts, so raylets, workers and replicas inherit it; a test that
+# needs another schedule sets it in its telemetry config).
+os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "1000")
+
 # Env for vLLM's CPU engine (see the shared notes); tests pass it to start_local_ray
 # or an LLMConfig runtime_env when they boot a real engine.
 VLLM_CPU_ENV = CPU_ENGINE_ENV

@@ -60,6 +60,13 @@ def test_settings_precedence_kwargs_over_env_over_defaults() -> None:
     assert TelemetrySettings.resolve(None, {"OTEL_SDK_DISABLED": "true"}).enabled is False
 
 
+def test_span_schedule_defaults_to_the_sdk_5s_and_honours_otel_bsp_schedule_delay() -> None:
+    assert TelemetrySettings.resolve(None, {}).schedule_delay_ms == 5_000
+    env = {"OTEL_BSP_SCHEDULE_DELAY": "250"}
+    assert TelemetrySettings.resolve(None, env).schedule_delay_ms == 250
+    assert TelemetrySettings.resolve({"schedule_delay_ms": 40}, env).schedule_delay_ms == 40
+
+
 def test_bad_telemetry_settings_name_the_field() -> None:
     pattern = r"(?s)telemetry.*'protocol'.*grpc.*http/protobuf"
     with pytest.raises(CallbackConfigError, match=pattern):

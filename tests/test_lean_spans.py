@@ -170,6 +170,8 @@ def _many_roots(tracer: Tracer) -> None:
     tracer.start_span("child of unsampled",
                       context=set_span_in_context(NonRecordingSpan(SpanContext(
                           0x99, 0x98, is_remote=True, trace_flags=TraceFlags(0))))).end()
+    tracer.start_span("child of sampled", context=set_span_in_context(NonRecordingSpan(
+        REMOTE))).end()
 
 
 @pytest.mark.parametrize("sampler", [
@@ -183,6 +185,19 @@ def test_lean_tracer_samples_the_spans_the_sdk_samples(sampler: Any) -> None:
     assert [s.name for s in lean] == [s.name for s in sdk]
     assert "child of unsampled" not in [s.name for s in lean]
     assert _normalized(lean) == _normalized(sdk)
+
+
+def test_only_the_default_sampler_is_decided_without_asking_it() -> None:
+    def follows(sampler: Any) -> bool:
+        provider = OwnTracerProvider(sampler=sampler, shutdown_on_exit=False,
+                                     span_limits=SpanLimits())
+        return LeanTracer(provider, provider.get_tracer("scope"))._follows_parent
+
+    assert follows(sampling.DEFAULT_ON) and follows(sampling.ParentBased(sampling.ALWAYS_ON))
+    assert not follows(sampling.ParentBased(sampling.TraceIdRatioBased(0.5)))
+    assert not follows(sampling.ALWAYS_ON)  # ignores an unsampled parent: asked
+    assert not follows(sampling.ParentBased(sampling.ALWAYS_ON,
+                                            remote_parent_not_sampled=sampling.ALWAYS_ON))
 
 
 def test_a_foreign_processor_gets_sdk_spans_and_sees_every_span_end() -> None:

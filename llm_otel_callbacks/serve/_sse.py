@@ -132,7 +132,9 @@ class UsageOptions:
         if cls is None:
             return False, False
         try:
-            request.stream_options = cls(
+            # Built without validation (two bools): the engine's models log and check extra
+            # fields in a validator, a few µs per streamed request.
+            request.stream_options = cls.model_construct(
                 include_usage=True, continuous_usage_stats=continuous or client_continuous
             )
         except Exception as exc:  # never fail the request over telemetry

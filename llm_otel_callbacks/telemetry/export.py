@@ -221,7 +221,7 @@ class SpanQueueProcessor(SpanProcessor):
         on_drop: OnDrop | None = None,
         max_queue_size: int = 2048,
         max_export_batch_size: int = 512,
-        schedule_delay_s: float = 1.0,
+        schedule_delay_s: float = 5.0,
         shutdown_timeout_s: float = 5.0,
     ) -> None:
         self.exporter = exporter

@@ -260,6 +260,7 @@ class LeanTracer(trace_api.Tracer):
         # A length limit truncates strings: only the SDK's cleaning does that.
         self._limits_allow = (limits.max_span_attribute_length is None
                               and limits.max_attribute_length is None)
+        self._follows_parent = _is_default_sampler(provider.sampler)
 
     @property
     def lean(self) -> bool:
@@ -288,19 +289,31 @@ class LeanTracer(trace_api.Tracer):
             trace_id = ids.generate_trace_id()
             random = bool(_RANDOM and getattr(ids, "is_trace_id_random", bool)())
         links = tuple(link for link in links or () if link and link.context.is_valid)
-        result = provider.sampler.should_sample(context, trace_id, name, kind, attributes,
-                                                links)
-        decision = result.decision
+        if self._follows_parent:
+            # The default sampler's decision, without building its result: a root span and
+            # a sampled parent's child record and sample, others do neither; the parent's
+            # trace state and the given attributes pass through.
+            sampled = parent is None or current.trace_flags.sampled
+            recording = sampled
+            trace_state = current.trace_state if parent is not None else None
+            sampler_attributes = attributes
+        else:
+            result = provider.sampler.should_sample(context, trace_id, name, kind, attributes,
+                                                    links)
+            decision = result.decision
+            sampled = decision.is_sampled()  # type: ignore[no-untyped-call]
+            recording = decision.is_recording()  # type: ignore[no-untyped-call]
+            trace_state = result.trace_state
+            sampler_attributes = result.attributes
         span_context = SpanContext(
             trace_id, ids.generate_span_id(), is_remote=False,
-            trace_flags=_FLAGS[decision.is_sampled(), random],  # type: ignore[no-untyped-call]
-            trace_state=result.trace_state,
+            trace_flags=_FLAGS[sampled, random], trace_state=trace_state,
         )
-        if not decision.is_recording():  # type: ignore[no-untyped-call]
+        if not recording:
             return trace_api.NonRecordingSpan(span_context)
         # The sampler's attributes are the span's (the SDK's ParentBased samplers pass the
         # given ones through).
-        attrs = _cleaned(result.attributes)
+        attrs = _cleaned(sampler_attributes)
         dropped = len(attrs) - self.max_attributes
         if dropped > 0:  # the SDK keeps the newest
             attrs = dict(list(attrs.items())[dropped:])
@@ -325,6 +338,20 @@ class LeanTracer(trace_api.Tracer):
                                 record_exception=record_exception,
                                 set_status_on_exception=set_status_on_exception) as current:
             yield current
+
+
+def _is_default_sampler(sampler: Any) -> bool:
+    """Whether ``sampler`` is the SDK's default, ``parentbased_always_on``: the root always
+    on, every delegate for a parent the SDK's own (a sampled parent's child sampled, an
+    unsampled parent's dropped). Read from the SDK's fields; anything else is asked."""
+    from opentelemetry.sdk.trace import sampling
+
+    if type(sampler) is not sampling.ParentBased:
+        return False
+    on, off = sampling.ALWAYS_ON, sampling.ALWAYS_OFF
+    expected = {"_root": on, "_remote_parent_sampled": on, "_remote_parent_not_sampled": off,
+                "_local_parent_sampled": on, "_local_parent_not_sampled": off}
+    return all(getattr(sampler, name, None) is value for name, value in expected.items())
 
 
 def _limit(value: int | None) -> int:

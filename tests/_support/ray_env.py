@@ -10,6 +10,7 @@ Prometheus scraping.
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.error
 import urllib.request
@@ -60,7 +61,9 @@ def worker_pythonpath() -> str:
 
 
 def _env(env: Mapping[str, str] | None) -> dict[str, str]:
-    return {"PYTHONPATH": worker_pythonpath(), **(env or {})}
+    # The tests' span schedule (conftest) reaches Serve replicas through the runtime_env too.
+    schedule = {k: os.environ[k] for k in ("OTEL_BSP_SCHEDULE_DELAY",) if k in os.environ}
+    return {"PYTHONPATH": worker_pythonpath(), **schedule, **(env or {})}
 
 
 def _runtime_env(env: Mapping[str, str], runtime_env: Mapping[str, Any] | None) -> dict[str, Any]:
