@@ -58,7 +58,8 @@ def _varint(n: int) -> bytes:
 
 def _ld(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: tag, length, payload."""
-    return tag + _varint(len(payload)) + payload
+    n = len(payload)
+    return tag + (_SMALL[n] if n < 0x80 else _varint(n)) + payload
 
 
 def _any_value(value: Any) -> bytes:
@@ -94,6 +95,8 @@ class SpanEncoder:
         # Keyed by the field tag too: a resource and a span encode the same attribute under
         # different tags (ray.node_id, process.pid are on both).
         self._attrs: dict[tuple[bytes, str, type, Any], bytes] = {}
+        self._keys: dict[str, bytes] = {}  # a KeyValue's key field, per key
+        self._names: dict[tuple[bytes, str], bytes] = {}
         self._resources: dict[int, tuple[Any, bytes]] = {}
         self._scopes: dict[int, tuple[Any, bytes]] = {}
 
@@ -104,14 +107,20 @@ class SpanEncoder:
         parts = []
         for key, value in attributes.items():
             kind = type(value)
-            if kind is str or kind is int or kind is bool:
+            if kind is float:  # durations and the like: seldom the same twice, not cached
+                head = self._keys.get(key)
+                if head is None:
+                    head = self._key_field(key)
+                field = _ld(tag, head + b"\x12\x09\x21" + _D(value))
+            elif kind is str or kind is int or kind is bool:
                 ck = (tag, key, kind, value)
-                field = cache.get(ck)
-                if field is None:
-                    field = _ld(tag, _key_value(key, value))
+                cached = cache.get(ck)
+                if cached is None:
+                    cached = _ld(tag, _key_value(key, value))
                     if len(cache) >= _CACHE_LIMIT:
                         cache.clear()  # ids, times and the like: keep the cache bounded
-                    cache[ck] = field
+                    cache[ck] = cached
+                field = cached
             else:
                 try:
                     field = _ld(tag, _key_value(key, value))
@@ -120,6 +129,23 @@ class SpanEncoder:
                     continue
             parts.append(field)
         return b"".join(parts)
+
+    def _text(self, tag: bytes, text: str) -> bytes:
+        """A string field whose values repeat (span and event names), cached."""
+        ck = (tag, text)
+        field = self._names.get(ck)
+        if field is None:
+            if len(self._names) >= _CACHE_LIMIT:
+                self._names.clear()
+            field = self._names[ck] = _ld(tag, text.encode("utf-8"))
+        return field
+
+    def _key_field(self, key: str) -> bytes:
+        keys = self._keys
+        if len(keys) >= _CACHE_LIMIT:
+            keys.clear()
+        head = keys[key] = _ld(b"\x0a", key.encode("utf-8"))
+        return head
 
     def _resource(self, resource: Any) -> bytes:
         cached = self._resources.get(id(resource))
@@ -157,14 +183,14 @@ class SpanEncoder:
         parent = span.parent
         if parent is not None:
             parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-        parts.append(_ld(b"\x2a", span.name.encode("utf-8")))
+        parts.append(self._text(b"\x2a", span.name))
         parts += (b"\x30", _SMALL[span.kind.value + 1])
         parts += (b"\x39", _Q(span.start_time or 0), b"\x41", _Q(span.end_time or 0))
         parts.append(self._attributes(b"\x4a", span.attributes))
         if span.dropped_attributes:
             parts += (b"\x50", _varint(span.dropped_attributes))
         for event in span.events:
-            body = b"\x09" + _Q(event.timestamp) + _ld(b"\x12", event.name.encode("utf-8"))
+            body = b"\x09" + _Q(event.timestamp) + self._text(b"\x12", event.name)
             body += self._attributes(b"\x1a", event.attributes)
             if event.dropped_attributes:
                 body += b"\x20" + _varint(event.dropped_attributes)
@@ -183,12 +209,16 @@ class SpanEncoder:
         if span.dropped_links:
             parts += (b"\x70", _varint(span.dropped_links))
         status = span.status
-        body = b""
-        if status.description:
-            body += _ld(b"\x12", status.description.encode("utf-8"))
-        if status.status_code.value:
-            body += b"\x18" + _varint(status.status_code.value)
-        parts.append(_ld(b"\x7a", body))
+        code = status.status_code.value
+        if code or status.description:
+            body = b""
+            if status.description:
+                body += _ld(b"\x12", status.description.encode("utf-8"))
+            if code:
+                body += b"\x18" + _varint(code)
+            parts.append(_ld(b"\x7a", body))
+        else:
+            parts.append(b"\x7a\x00")  # UNSET, no description: an empty status
         remote = parent is not None and parent.is_remote
         parts += (b"\x85\x01", _I(_REMOTE_FLAGS if remote else _LOCAL_FLAGS))
         return b"".join(parts)
