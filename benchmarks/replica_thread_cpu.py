@@ -15,6 +15,14 @@ around the request.
 A thread whose work is per unit of time (a polling loop) shows more CPU per request on a block
 that served fewer requests: compare the requests per block as well as the CPU.
 
+At the end it prints each observed path's extra replica CPU per request item by item, each item
+read directly rather than from the difference of two noisy totals: the observer's own loop CPU
+(the outer minus the inner meter of the same requests, less the plain path's metering layer),
+the engine's extra tail steps (the usage chunk), the package's own threads (span export, metric
+pipe) per observed request, and the extra garbage collection. Then it runs the replica's
+observers in a tight loop on the replica's own event loop (``SameEngineServer.micro``), with
+the metering layer alone as identical code on both sides: the slow-down the load puts on code.
+
 Run: ``python benchmarks/replica_thread_cpu.py [--seconds 15] [--rounds 2] [--paths observed plain]
 [--env OTEL_TRACES_SAMPLER=always_off]``.
 """
