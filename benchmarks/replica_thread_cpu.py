@@ -88,14 +88,14 @@ async def _load(url: str, pid: int, seconds: float, rounds: int, paths: list[str
                 inner = [a - b for a, b in zip(steps_after["inner"][path],
                                                steps_before["inner"][path], strict=True)]
                 split[path].append((calls, step_ns, inner[1], inner[2]))
-                by_name = {name: (s - steps_before["threads"].get(name, 0.0)) * 1e6
-                           / max(1, calls) for name, s in steps_after["threads"].items()}
-                own = sum(steps_after["threads"].values()) - sum(
-                    steps_before["threads"].get(name, 0.0) for name in steps_after["threads"])
+                threads = {name: s - steps_before["threads"].get(name, 0.0)
+                           for name, s in steps_after["threads"].items()}  # CPU seconds
+                own = sum(threads.values())
                 threads_s += own
-                print(f"{path} round {rnd}: package threads (µs per request) "
-                      + ", ".join(f"{n}: {us:.1f}" for n, us in by_name.items()), flush=True)
                 per_call = max(1, calls) * 1e3
+                print(f"{path} round {rnd}: package threads (µs per request) "
+                      + ", ".join(f"{n}: {s * 1e9 / per_call:.1f}" for n, s in threads.items()),
+                      flush=True)
                 print(f"{path} round {rnd}: outer minus inner meter "
                       f"{(step_ns - inner[1]) / per_call:.1f} µs per request, engine's tail "
                       f"steps {inner[2] / per_call:.1f} µs, package threads "
@@ -146,15 +146,15 @@ def _print_split(split: dict[str, list[tuple[int, int, int, int]]], gc_total: di
     observed_calls = sum(b[0] for p in observed for b in split[p])
     threads_us = threads_s * 1e6 / max(1, observed_calls)
     gc_ref = gc_total[ref] / max(1, sum(b[0] for b in split[ref])) / 1e3
+    def resampled(blocks: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+        return [blocks[i] for i in rng.integers(0, len(blocks), len(blocks))]
+
     for path in observed:
         items = {}
         for name, col in (("own loop CPU", 4), ("engine tail", 3)):
             est = _per_request(split[path], col) - _per_request(split[ref], col)
-            boot = [_per_request([split[path][i] for i in rng.integers(0, len(split[path]),
-                                                                         len(split[path]))], col)
-                    - _per_request([split[ref][i] for i in rng.integers(0, len(split[ref]),
-                                                                         len(split[ref]))], col)
-                    for _ in range(2000)]
+            boot = [_per_request(resampled(split[path]), col)
+                    - _per_request(resampled(split[ref]), col) for _ in range(2000)]
             items[name] = est
             print(f"{path}: {name} {est:+.1f} µs per request vs {ref} (CI "
                   f"{np.percentile(boot, 2.5):+.1f} to {np.percentile(boot, 97.5):+.1f})",

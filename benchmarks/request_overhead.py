@@ -97,6 +97,31 @@ class _Engine:
         yield "data: [DONE]\n\n"
 
 
+def fake_engine(chunks: int, completion_tokens: int | None = None) -> _Engine:
+    """An :class:`_Engine` of ``chunks`` chunks whose non-streamed answer is a real
+    ``ChatCompletionResponse`` (usage: 9 prompt tokens, ``completion_tokens`` or ``chunks``)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionResponse
+
+    out = completion_tokens if completion_tokens is not None else chunks
+    engine = _Engine(chunks)
+    engine.response = ChatCompletionResponse.model_validate({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                     "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": out, "total_tokens": 9 + out},
+    })
+    return engine
+
+
+def mixed_requests(requests: int, chunks: int) -> list[Any]:
+    """``requests`` chat requests for ``chunks`` tokens each, every other one streamed."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
+
+    return [ChatCompletionRequest(model=MODEL, stream=i % 2 == 0, max_tokens=chunks,
+                                  messages=[{"role": "user", "content": "hi"}])
+            for i in range(requests)]
+
+
 def _observer(children: list[Any], engine: Any) -> Any:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -134,10 +159,7 @@ def _time(fn: Any, repeat: int) -> float:
 
 
 def micro(chunks: int, requests: int, repeat: int) -> dict[str, Any]:
-    from ray.llm._internal.serve.core.configs.openai_api_models import (
-        ChatCompletionRequest,
-        ChatCompletionResponse,
-    )
+    from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
 
     cases = {
         "no request hooks": [{"callback_class": "llm_otel_callbacks.builtin.Timing"}],
@@ -145,13 +167,7 @@ def micro(chunks: int, requests: int, repeat: int) -> dict[str, Any]:
                          "llm_otel_callbacks.builtin.TokenCounter"],
         "StreamingProgress (chunk hook)": ["llm_otel_callbacks.builtin.StreamingProgress"],
     }
-    engine = _Engine(chunks)
-    engine.response = ChatCompletionResponse.model_validate({
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
-                     "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 16, "total_tokens": 25},
-    })
+    engine = fake_engine(chunks, completion_tokens=16)
 
     def request(stream: bool) -> Any:
         return ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}],
@@ -194,22 +210,12 @@ def micro_export(requests: int, repeat: int, chunks: int = 16) -> dict[str, Any]
     TokenCounter, half the requests streamed (``chunks`` chunks). Each repeat times the bare
     engine generator and the observed one alternately, on ``time.process_time`` (all threads:
     the export thread's encoding and POSTs count), the observed side including its flush."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import (
-        ChatCompletionRequest,
-        ChatCompletionResponse,
-    )
 
     from llm_otel_callbacks import Composite
     from llm_otel_callbacks.serve.server import request_observer
     from llm_otel_callbacks.telemetry import Telemetry, TelemetrySettings
 
-    engine = _Engine(chunks)
-    engine.response = ChatCompletionResponse.model_validate({
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
-                     "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": chunks, "total_tokens": 9 + chunks},
-    })
+    engine = fake_engine(chunks)
     receiver = _Receiver()
     try:
         time.sleep(2)
@@ -221,9 +227,7 @@ def micro_export(requests: int, repeat: int, chunks: int = 16) -> dict[str, Any]
             MODEL, engine, tel=tel)
 
         def batch() -> list[Any]:
-            return [ChatCompletionRequest(model=MODEL, stream=i % 2 == 0, max_tokens=chunks,
-                                          messages=[{"role": "user", "content": "hi"}])
-                    for i in range(requests)]
+            return mixed_requests(requests, chunks)
 
         async def bare(reqs: list[Any]) -> None:
             for r in reqs:

@@ -240,27 +240,12 @@ class SameEngineServer(ObservedLLMServer):
         repeat's thread CPU per request on the loop, and the package threads' CPU per request
         in that repeat. Run with no load on the replica: the same code as under load, in the
         replica's process and heap, but with nothing interleaved between its steps."""
-        from ray.llm._internal.serve.core.configs.openai_api_models import (
-            ChatCompletionRequest,
-            ChatCompletionResponse,
-        )
+        from benchmarks.request_overhead import fake_engine, mixed_requests
 
-        from benchmarks.request_overhead import _Engine
-
-        chunks = 16
-        fake = _Engine(chunks)
-        fake.response = ChatCompletionResponse.model_validate({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "tiny",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
-                         "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 9, "completion_tokens": chunks,
-                      "total_tokens": 9 + chunks},
-        })
+        fake = fake_engine(16)
 
         def batch() -> list[Any]:
-            return [ChatCompletionRequest(model="tiny", stream=i % 2 == 0, max_tokens=chunks,
-                                          messages=[{"role": "user", "content": "hi"}])
-                    for i in range(requests)]
+            return mixed_requests(requests, 16)
 
         async def run(path: str, reqs: list[Any]) -> None:
             for r in reqs:

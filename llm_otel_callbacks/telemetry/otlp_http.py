@@ -95,8 +95,7 @@ class SpanEncoder:
         # Keyed by the field tag too: a resource and a span encode the same attribute under
         # different tags (ray.node_id, process.pid are on both).
         self._attrs: dict[tuple[bytes, str, type, Any], bytes] = {}
-        self._keys: dict[str, bytes] = {}  # a KeyValue's key field, per key
-        self._names: dict[tuple[bytes, str], bytes] = {}
+        self._names: dict[tuple[bytes, str], bytes] = {}  # span, event and attribute names
         self._resources: dict[int, tuple[Any, bytes]] = {}
         self._scopes: dict[int, tuple[Any, bytes]] = {}
 
@@ -107,11 +106,8 @@ class SpanEncoder:
         parts = []
         for key, value in attributes.items():
             kind = type(value)
-            if kind is float:  # durations and the like: seldom the same twice, not cached
-                head = self._keys.get(key)
-                if head is None:
-                    head = self._key_field(key)
-                field = _ld(tag, head + b"\x12\x09\x21" + _D(value))
+            if kind is float:  # durations and the like: seldom the same twice; the key is
+                field = _ld(tag, self._text(b"\x0a", key) + b"\x12\x09\x21" + _D(value))
             elif kind is str or kind is int or kind is bool:
                 ck = (tag, key, kind, value)
                 cached = cache.get(ck)
@@ -131,7 +127,7 @@ class SpanEncoder:
         return b"".join(parts)
 
     def _text(self, tag: bytes, text: str) -> bytes:
-        """A string field whose values repeat (span and event names), cached."""
+        """A string field whose values repeat (span, event and attribute names), cached."""
         ck = (tag, text)
         field = self._names.get(ck)
         if field is None:
@@ -139,13 +135,6 @@ class SpanEncoder:
                 self._names.clear()
             field = self._names[ck] = _ld(tag, text.encode("utf-8"))
         return field
-
-    def _key_field(self, key: str) -> bytes:
-        keys = self._keys
-        if len(keys) >= _CACHE_LIMIT:
-            keys.clear()
-        head = keys[key] = _ld(b"\x0a", key.encode("utf-8"))
-        return head
 
     def _resource(self, resource: Any) -> bytes:
         cached = self._resources.get(id(resource))

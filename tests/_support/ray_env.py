@@ -61,9 +61,11 @@ def worker_pythonpath() -> str:
 
 
 def _env(env: Mapping[str, str] | None) -> dict[str, str]:
+    out = {"PYTHONPATH": worker_pythonpath()}
     # The tests' span schedule (conftest) reaches Serve replicas through the runtime_env too.
-    schedule = {k: os.environ[k] for k in ("OTEL_BSP_SCHEDULE_DELAY",) if k in os.environ}
-    return {"PYTHONPATH": worker_pythonpath(), **schedule, **(env or {})}
+    if "OTEL_BSP_SCHEDULE_DELAY" in os.environ:
+        out["OTEL_BSP_SCHEDULE_DELAY"] = os.environ["OTEL_BSP_SCHEDULE_DELAY"]
+    return {**out, **(env or {})}
 
 
 def _runtime_env(env: Mapping[str, str], runtime_env: Mapping[str, Any] | None) -> dict[str, Any]:
